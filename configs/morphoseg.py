@@ -1,0 +1,107 @@
+"""MorphoSeg: TransUNet trained with virtual outlier synthesis (MorphoSeg §3-5).
+
+Paper settings: TransUNet R50-ViT-B/16 (or pure ViT-B/16), 224x224 inputs from multi-scale
+overlapping patches (224, 448, 1000, 1500, 2000 px, 35 % overlap, patches without foreground
+pruned), SGD lr 0.01, momentum 0.9, weight decay 1e-4 with polynomial decay, 200 epochs; from
+epoch 150 class-conditional Gaussians over per-class embedding queues yield virtual outliers
+(100,000 drawn, 10,000 kept) and an uncertainty loss beta1 CE + beta2 Dice; loss weighting
+Balance, Norm or Pareto (MGDA). Segmentation loss 0.5 CE + 0.5 Dice with 2 softmax classes,
+as in TransUNet. Sliding-window inference with 224 px windows and 56 px overlap.
+
+Arguments, comma-separated after the file name (``configs/morphoseg.py:quick,encoder=vit_b16``):
+  quick              shrink to a CPU run of a few minutes (tiny transformer, 32 px crops)
+  encoder=NAME       r50_b16 (default, hybrid) | vit_b16 | r50_l16 | vit_l16
+  weighting=NAME     balance (default) | norm | pareto
+  data=NAME          folder (default; set --config.data.root) | synthetic
+"""
+
+import ml_collections
+
+from neuroseg_jax.data.config import default_data_config
+from neuroseg_jax.models import MODELS
+from neuroseg_jax.train.config import default_outlier_config, parse_config_arg
+
+ENCODERS = {"r50_b16": "transunet_r50_b16", "vit_b16": "transunet_vit_b16",
+            "r50_l16": "transunet_r50_l16", "vit_l16": "transunet_vit_l16"}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    args = parse_config_arg(arg, {"quick": False, "encoder": "r50_b16", "weighting": "balance",
+                                  "data": "folder"})
+    if args["encoder"] not in ENCODERS:
+        raise ValueError(f"configs/morphoseg.py: unknown encoder={args['encoder']!r}; use one of {sorted(ENCODERS)}")
+    if args["weighting"] not in ("balance", "norm", "pareto"):
+        raise ValueError(f"configs/morphoseg.py: unknown weighting={args['weighting']!r}; use balance, norm or pareto")
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    config.data = default_data_config()
+    config.data.channels = 3
+    config.data.crop_size = (224, 224)
+    config.data.patches.enabled = True
+    config.data.patches.prune_empty = True
+    config.data.split.val_fraction = 0.2
+    config.data.split.test_fraction = 0.0
+    if args["data"] == "synthetic":
+        config.data.source = "synthetic"
+        config.data.patches.enabled = False
+    elif args["data"] == "folder":
+        config.data.source = "folder"
+    else:
+        raise ValueError(f"configs/morphoseg.py: unknown data={args['data']!r}; use folder or synthetic")
+
+    model_name = ENCODERS[args["encoder"]]
+    config.model = ml_collections.ConfigDict({
+        "name": model_name, "num_classes": 2, "width": 64, "img_size": (224, 224), "input_channels": 3,
+        "resnet_units": (3, 4, 9), "n_skip": 3, "dropout_rate": 0.1, **MODELS[model_name].defaults,
+    })
+
+    config.loss = ml_collections.ConfigDict({
+        "terms": {"bce": 0.5, "dice": 0.5},
+        "params": {"dice": {"include_background": False}},
+        "weighting": args["weighting"],
+    })
+    config.outliers = default_outlier_config()
+    config.outliers.enabled = True
+
+    config.optim = ml_collections.ConfigDict({
+        "name": "sgd", "lr": 0.01, "weight_decay": 1e-4, "b1": 0.9, "b2": 0.999, "momentum": 0.9,
+        "clip_norm": 0.0, "schedule": "poly", "warmup_steps": 0, "poly_power": 0.9,
+        "plateau": {"factor": 1.0, "patience": 0, "min_scale": 1.0, "threshold": 1e-4},
+    })
+    config.train = ml_collections.ConfigDict({
+        "batch_size": 24,
+        "num_epochs": 200,
+        "num_steps": 0,
+        "eval_every": 0,
+        "checkpoint_every": 0,
+        "log_every": 20,
+        "keep_checkpoints": 2,
+        "early_stop": {"patience": 0},
+        "eval_batch_size": 0,
+        "num_preview": 4,
+    })
+    config.mesh = ml_collections.ConfigDict({"data": -1, "model": 1})
+    config.inference = ml_collections.ConfigDict({
+        "window": (224, 224), "overlap": 56, "batch_size": 16, "blend": "constant", "tta": False,
+        "postprocess": False,
+    })
+
+    if args["quick"]:
+        config.data.source = "synthetic"
+        config.data.patches.enabled = False
+        config.data.synthetic.num_images = 32
+        config.data.synthetic.image_size = (96, 96)
+        config.data.crop_size = (32, 32)
+        config.model.update({"width": 8, "img_size": (32, 32), "hidden_size": 32, "num_layers": 2,
+                             "num_heads": 2, "mlp_dim": 64, "resnet_units": (1, 1, 1)})
+        config.outliers.update({"start_epoch": 0, "start_step": 10, "buffer_size": 64, "max_per_class": 16,
+                                "num_candidates": 2000, "num_selected": 200})
+        config.train.batch_size = 4
+        config.train.num_steps = 40
+        config.train.eval_every = 20
+        config.train.log_every = 5
+        config.inference.window = (32, 32)
+        config.inference.overlap = 8
+        config.inference.batch_size = 4
+    return config

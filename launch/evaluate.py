@@ -1,0 +1,32 @@
+"""Evaluate a checkpoint: ``python launch/evaluate.py --workdir=RUN [--checkpoint=best|latest|STEP]``.
+
+Uses the run's config snapshot unless ``--config`` is given (e.g. to evaluate on another
+folder with ``--config.data.root=DIR``). Prints the metrics and writes metrics.json,
+per_image.csv and table.md.
+"""
+
+import json
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from neuroseg_jax.train.predictor import evaluate_run
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Optional config file; default: RUN/config.json.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training run folder.", required=True)
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
+_SPLIT = flags.DEFINE_enum("split", "val", ["train", "val", "test", "all"], "Which split of the data.")
+_OUTPUT = flags.DEFINE_string("output", None, "Output folder (default RUN/eval/CHECKPOINT-SPLIT).")
+_TTA = flags.DEFINE_integer("tta", 5, "Test-time augmentations for the TTA rows (IMSAHLO: 5; <= 1: none).")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    results = evaluate_run(_WORKDIR.value, checkpoint=_CHECKPOINT.value, split=_SPLIT.value, config=_CONFIG.value,
+                           output_dir=_OUTPUT.value, tta_n=_TTA.value)
+    print(json.dumps(results, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    app.run(main)

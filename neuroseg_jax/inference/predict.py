@@ -1,0 +1,238 @@
+"""Whole-file prediction: images on disk in, masks, probability maps, instances and tables out.
+
+For every input image `NAME.ext` the output folder receives
+  NAME_prob.tif     foreground probability, uint16 (p * 65535, rounded), (H, W)
+  NAME_mask.png     binary mask, uint8 0/255 (post-processed unless postprocess=None)
+  NAME_labels.tif   instance labels (8-connected components of the mask), uint16 or uint32
+  NAME_overlay.png  the image (gray or RGB) with cells tinted and their outlines drawn in red
+  NAME_cells.csv    per-cell morphology (inference.postprocess.MORPHOLOGY_COLUMNS)
+and the folder gets `counts.csv` (one row per processed image: cell count and mean morphology)
+and `summary.json` (processed images, failures with their error message, settings).
+A file that cannot be read or predicted is reported (logged, listed in summary['failed']) and
+skipped; the others are still processed.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+import cv2
+import numpy as np
+import tifffile
+
+from neuroseg_jax.data.io import IMAGE_EXTENSIONS, read_image
+from neuroseg_jax.inference.postprocess import (
+    MORPHOLOGY_COLUMNS,
+    foreground_probability,
+    morphology_table,
+    postprocess as postprocess_probs,
+    summarize_morphology,
+)
+from neuroseg_jax.inference.sliding import PredictFn, sliding_window
+from neuroseg_jax.inference.tta import tta_predict_fn
+from neuroseg_jax.metrics import binarize, label_instances
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_POSTPROCESS = {"threshold": 0.5, "closing_size": 3, "min_size": 15}
+
+
+def expand_inputs(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> tuple[list[Path], list[dict]]:
+    """Files from files, folders (their image files, sorted, not recursive) and glob patterns.
+
+    Returns (files, failures): an input that matches nothing becomes a failure entry
+    {'path', 'error'} rather than an exception, so the remaining inputs are still used.
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    files: list[Path] = []
+    failures: list[dict] = []
+    for entry in inputs:
+        path = Path(entry)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir()
+                           if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        elif path.is_file():
+            found = [path]
+        else:
+            found = sorted(Path(p) for p in glob.glob(str(entry)) if Path(p).is_file())
+        if not found:
+            failures.append({"path": str(entry), "error": "FileNotFoundError: no image files match"})
+        files.extend(found)
+    return files, failures
+
+
+def _unique_stem(path: Path, used: set[str]) -> str:
+    stem, suffix = path.stem, 2
+    while stem in used:
+        stem, suffix = f"{path.stem}_{suffix}", suffix + 1
+    used.add(stem)
+    return stem
+
+
+def overlay_image(image: np.ndarray, mask: np.ndarray, *, alpha: float = 0.35) -> np.ndarray:
+    """uint8 (H, W, 3) RGB picture of an (H, W, C) [0, 1] image with the mask tinted red and its
+    outlines drawn in opaque red."""
+    gray_or_rgb = np.asarray(image, dtype=np.float32)
+    rgb = np.repeat(gray_or_rgb[..., :1], 3, axis=-1) if gray_or_rgb.shape[-1] != 3 else gray_or_rgb
+    rgb = (np.clip(rgb, 0.0, 1.0) * 255).astype(np.float32)
+    red = np.array([255.0, 0.0, 0.0], np.float32)
+    mask = np.asarray(mask) > 0
+    rgb[mask] = (1 - alpha) * rgb[mask] + alpha * red
+    outline = mask & ~cv2.erode(mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    rgb[outline] = red
+    return rgb.round().astype(np.uint8)
+
+
+def _write_csv(path: Path, rows: Sequence[Mapping], columns: Sequence[str]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(columns))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _write_png(path: Path, array: np.ndarray) -> None:
+    """PNG via OpenCV (BGR order for colour) with an error that names the file."""
+    if array.ndim == 3:
+        array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
+    if not cv2.imwrite(str(path), array):
+        raise OSError(f"could not write {path}")
+
+
+def predict_image(
+    predict_fn: PredictFn,
+    image: np.ndarray,
+    *,
+    window=(224, 224),
+    overlap=56,
+    batch_size: int = 8,
+    blend: str = "gaussian",
+    tta_n: int = 0,
+    brightness_shift: float = 0.1,
+) -> np.ndarray:
+    """(H, W) foreground probability of one (H, W, C) image: sliding window, optional TTA
+    (tta_n = 0 or 1 disables it)."""
+    if tta_n > 1:
+        predict_fn = tta_predict_fn(predict_fn, n=tta_n, brightness_shift=brightness_shift)
+    probs = sliding_window(predict_fn, image, window=window, overlap=overlap,
+                           batch_size=batch_size, blend=blend)
+    return foreground_probability(probs)
+
+
+def predict_files(
+    predict_fn: PredictFn,
+    inputs: str | os.PathLike | Iterable[str | os.PathLike],
+    output_dir: str | os.PathLike,
+    *,
+    window=(224, 224),
+    overlap=56,
+    batch_size: int = 8,
+    blend: str = "gaussian",
+    tta_n: int = 0,
+    brightness_shift: float = 0.1,
+    postprocess: Mapping | None = DEFAULT_POSTPROCESS,
+    read_options: Mapping | None = None,
+    load_image: Callable[[Path], tuple[np.ndarray, tuple[int, int]]] | None = None,
+    spacing: float = 1.0,
+    progress: bool = True,
+) -> dict:
+    """Predict every image of `inputs` and write the outputs listed in the module docstring.
+
+    Args:
+      predict_fn: (n, h, w, C) float32 -> (n, h, w, K) probabilities.
+      inputs: file, folder or glob, or a list of them.
+      window, overlap, batch_size, blend: see `sliding_window`.
+      tta_n: number of TTA augmentations (IMSAHLO: 5); 0 or 1 = none.
+      postprocess: keyword arguments of `inference.postprocess` (threshold, closing_size,
+        min_size); None = plain threshold at 0.5, no morphology.
+      read_options: keyword arguments of `neuroseg_jax.data.io.read_image` (channels, normalize,
+        ...) - must match how the model was trained. Ignored when `load_image` is given.
+      load_image: path -> (model-ready (h, w, C) image, (H, W) size of the file's image); the
+        prediction is resized back to (H, W) before thresholding, so a model trained on resized
+        images writes masks at the file's resolution. Default: `read_image(path, **read_options)`.
+      spacing: pixel size for the morphology table.
+    Returns:
+      dict(processed=[{name, path, count, outputs}], failed=[{path, error}], output_dir).
+    """
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    files, failed = expand_inputs(inputs)
+    if not files:
+        raise FileNotFoundError(f"no image files found in {inputs!r}")
+    for failure in failed:
+        logger.warning("skipping %s: %s", failure["path"], failure["error"])
+    read_options = dict(read_options or {})
+    processed: list[dict] = []
+    count_rows: list[dict] = []
+    used_stems: set[str] = set()
+    iterator: Iterable[Path] = files
+    if progress:
+        from tqdm import tqdm
+        iterator = tqdm(files, desc="predict", unit="image")
+    for path in iterator:
+        try:
+            if load_image is None:
+                image = read_image(path, **read_options)
+                original_size = image.shape[:2]
+            else:
+                image, original_size = load_image(path)
+            probability = predict_image(
+                predict_fn, image, window=window, overlap=overlap, batch_size=batch_size,
+                blend=blend, tta_n=tta_n, brightness_shift=brightness_shift)
+            if probability.shape != tuple(original_size):
+                size_xy = (int(original_size[1]), int(original_size[0]))
+                probability = cv2.resize(probability, size_xy, interpolation=cv2.INTER_LINEAR)
+                image = cv2.resize(image, size_xy, interpolation=cv2.INTER_LINEAR).reshape(
+                    tuple(original_size) + image.shape[2:])
+            if postprocess is None:
+                mask = binarize(probability, 0.5)
+            else:
+                mask = postprocess_probs(probability, **postprocess)
+            labels = label_instances(mask)
+            rows = morphology_table(labels, image, spacing=spacing)
+            stem = _unique_stem(path, used_stems)
+            outputs = {
+                "probability": output / f"{stem}_prob.tif",
+                "mask": output / f"{stem}_mask.png",
+                "labels": output / f"{stem}_labels.tif",
+                "overlay": output / f"{stem}_overlay.png",
+                "cells": output / f"{stem}_cells.csv",
+            }
+            tifffile.imwrite(outputs["probability"],
+                             np.round(np.clip(probability, 0, 1) * 65535).astype(np.uint16))
+            _write_png(outputs["mask"], mask.astype(np.uint8) * 255)
+            label_dtype = np.uint16 if labels.max(initial=0) < 65536 else np.uint32
+            tifffile.imwrite(outputs["labels"], labels.astype(label_dtype))
+            _write_png(outputs["overlay"], overlay_image(image, mask))
+            _write_csv(outputs["cells"], rows, MORPHOLOGY_COLUMNS)
+        except (OSError, ValueError) as error:
+            message = f"{type(error).__name__}: {error}"
+            logger.warning("skipping %s: %s", path, message)
+            failed.append({"path": str(path), "error": message})
+            continue
+        summary_row = {"name": stem, "path": str(path),
+                       "foreground_fraction": float(mask.mean()),
+                       **summarize_morphology(rows)}
+        count_rows.append(summary_row)
+        processed.append({"name": stem, "path": str(path), "count": len(rows),
+                          "outputs": {key: str(value) for key, value in outputs.items()}})
+    if count_rows:
+        _write_csv(output / "counts.csv", count_rows, list(count_rows[0]))
+    summary = {
+        "output_dir": str(output),
+        "processed": processed,
+        "failed": failed,
+        "settings": {"window": list(np.atleast_1d(window).tolist()),
+                     "overlap": list(np.atleast_1d(overlap).tolist()), "blend": blend,
+                     "tta_n": tta_n, "postprocess": dict(postprocess) if postprocess else None,
+                     "read_options": read_options, "spacing": spacing},
+    }
+    with open(output / "summary.json", "w") as handle:
+        json.dump(summary, handle, indent=2)
+    return summary

@@ -1,0 +1,322 @@
+"""Virtual outlier synthesis for segmentation (MorphoSeg §3.2-3.3, after VOS, Du et al. 2022).
+
+What is implemented (the paper's method):
+
+1. Per-class FIFO queues of pixel embeddings (by default the per-pixel logit vectors, or features of
+   any layer), held as an explicit pytree :class:`OutlierBuffers` in the train state and updated inside
+   the jitted step with :func:`update_buffers` (fixed shapes: at most ``max_per_class`` new entries per
+   class and step, chosen at random among that class's valid pixels; the oldest entries are overwritten).
+2. Class means and one covariance shared by all classes (MorphoSeg eqs. 6-8, 1/N normalisation) plus a
+   ridge term on the diagonal: :func:`class_gaussians`.
+3. For every class k, ``num_candidates`` draws v ~ N(mu_k, Sigma); the ``num_selected`` with the lowest
+   likelihood are kept (eq. 9 with epsilon set implicitly by the count, as in VOS):
+   :func:`sample_outliers`. With Sigma = L L^T and v = mu_k + L z the likelihood decreases with
+   |z|^2, so selection is a top-k on |z|^2 and costs O(N D) per class.
+4. The uncertainty-enhanced output f_out (:func:`synthesize_output`): the outliers of class k are placed
+   at randomly chosen valid pixels whose ground truth is k (the pixels "they were sampled for"), at most
+   one outlier per pixel. ``placement='replace'`` puts the outlier vector in place of the pixel's logits
+   (the paper's reading); ``placement='shift'`` adds the offset v - mu_k to the pixel's logits, which
+   keeps the gradient through those pixels. Embeddings of another width than K need ``head_fn`` mapping
+   (..., D) -> (..., K) logits.
+5. L_uncertainty = beta1 * CE(f_out, y) + beta2 * Dice(f_out, y) (eqs. 13-15): :func:`uncertainty_loss`.
+   Also the original VOS energy regulariser (:func:`vos_energy_loss`): a logistic regression on the
+   negative free energy separating inlier pixels (label 1) from outliers (label 0).
+
+Differences from MorphoSeg's public code (trainer_vos.py), which this module does not follow: the
+public code fits a single Gaussian to all pixels of the current batch (no class-conditional queues,
+per-channel means), replaces pixels drawn at random over the whole batch regardless of class, and
+its "Pareto" weighting re-creates its weights every step, so it is an unweighted sum (a no-op). Here
+queues are per class, the covariance is shared across classes, outliers go to pixels of their own
+class, and Pareto weighting is real MGDA (:mod:`neuroseg_jax.losses.weighting`).
+
+Train step (inside jit; buffers live in the train state, replicated across devices):
+
+    loss_out, buffers = outlier_regularizer(buffers, logits, labels, rng, step=state.step,
+                                            start_step=cfg.start_step, ...)
+
+All shapes are static, so every function is jittable and works on sharded inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from neuroseg_jax.losses._common import check_inputs, class_indices, valid_weights
+from neuroseg_jax.losses.overlap import dice_loss
+from neuroseg_jax.losses.pixelwise import bce_loss
+
+
+class OutlierBuffers(NamedTuple):
+    """Per-class FIFO queues of embeddings.
+
+    features: (C, S, D) float32, C classes, S entries per class, D embedding width.
+    count: (C,) int32 number of filled entries (<= S); entries [0, count) are valid.
+    ptr: (C,) int32 next write position (oldest entry once the queue is full).
+    """
+    features: jax.Array
+    count: jax.Array
+    ptr: jax.Array
+
+
+class Outliers(NamedTuple):
+    """Selected virtual outliers.
+
+    samples: (C, M, D) float32 outliers per class.
+    log_likelihood: (C, M) float32 log N(v; mu_k, Sigma) of each outlier.
+    means: (C, D) float32 class means used for sampling.
+    valid: (C,) bool, True where the class queue held at least 2 embeddings (else its outliers are unused).
+    """
+    samples: jax.Array
+    log_likelihood: jax.Array
+    means: jax.Array
+    valid: jax.Array
+
+
+def init_buffers(num_classes: int, buffer_size: int, dim: int) -> OutlierBuffers:
+    """Empty queues for ``num_classes`` classes (use 2 for a K = 1 sigmoid model), each ``buffer_size`` long."""
+    if num_classes < 1 or buffer_size < 1 or dim < 1:
+        raise ValueError(f"init_buffers needs positive num_classes, buffer_size, dim; got "
+                         f"{num_classes}, {buffer_size}, {dim}")
+    return OutlierBuffers(features=jnp.zeros((num_classes, buffer_size, dim), jnp.float32),
+                          count=jnp.zeros((num_classes,), jnp.int32),
+                          ptr=jnp.zeros((num_classes,), jnp.int32))
+
+
+def update_buffers(buffers: OutlierBuffers, embeddings: jax.Array, labels: jax.Array,
+                   rng: jax.Array | None = None, *, max_per_class: int | None = None,
+                   mask: jax.Array | None = None) -> OutlierBuffers:
+    """Enqueues up to ``max_per_class`` embeddings per class, overwriting the oldest (FIFO).
+
+    Args:
+      buffers: current queues (C, S, D).
+      embeddings: (N, D) or (..., D) embeddings (gradients are stopped).
+      labels: (N,) or (...) integer class of each embedding, in [0, C); other values are ignored.
+      rng: key choosing a random subset when a class has more candidates than ``max_per_class``; without
+        it the first ones in order are taken.
+      max_per_class: new entries per class and call (default and maximum: S).
+      mask: optional (N,) or (...) validity; zero entries are never enqueued.
+
+    Returns:
+      Updated buffers. Entries are written in order of selection at ptr, ptr + 1, ... (mod S).
+    """
+    num_classes, size, dim = buffers.features.shape
+    if embeddings.shape[-1] != dim:
+        raise ValueError(f"embeddings last axis must be the buffer width {dim}; got shape {embeddings.shape}")
+    flat = jax.lax.stop_gradient(embeddings.reshape(-1, dim).astype(jnp.float32))
+    flat_labels = labels.reshape(-1).astype(jnp.int32)
+    if flat_labels.shape[0] != flat.shape[0]:
+        raise ValueError(f"labels {labels.shape} do not match embeddings {embeddings.shape}")
+    count = flat.shape[0]
+    valid = jnp.ones((count,), bool) if mask is None else (mask.reshape(-1) != 0)
+    take = min(size if max_per_class is None else max_per_class, size, count)
+    if take < 1:
+        raise ValueError(f"max_per_class must be >= 1; got {max_per_class}")
+    if rng is None:
+        priority = count - jnp.arange(count, dtype=jnp.int32)  # earlier first, all positive
+    else:
+        priority = jax.random.uniform(rng, (count,), jnp.float32, minval=0.5, maxval=1.0)
+
+    def enqueue(klass, features, ptr, filled):
+        chosen = valid & (flat_labels == klass)
+        scores, index = jax.lax.top_k(jnp.where(chosen, priority, 0), take)
+        is_new = scores > 0
+        num_new = jnp.sum(is_new, dtype=jnp.int32)
+        slots = jnp.where(is_new, (ptr + jnp.arange(take, dtype=jnp.int32)) % size, size)
+        features = features.at[slots].set(flat[index], mode="drop")
+        return features, (ptr + num_new) % size, jnp.minimum(filled + num_new, size)
+
+    features, ptr, filled = jax.vmap(enqueue)(jnp.arange(num_classes), buffers.features, buffers.ptr,
+                                              buffers.count)
+    return OutlierBuffers(features=features, count=filled, ptr=ptr)
+
+
+def class_gaussians(buffers: OutlierBuffers, ridge: float = 1e-4) -> tuple[jax.Array, jax.Array]:
+    """Class means (C, D) and shared covariance (D, D) of the buffered embeddings (MorphoSeg eqs. 7-8).
+
+    Sigma = (1/N) sum_k sum_{i in Q_k} (x_i - mu_k)(x_i - mu_k)^T + ridge * I, N the total number of
+    buffered entries; empty classes get mean 0 and contribute nothing.
+    """
+    num_classes, size, dim = buffers.features.shape
+    filled = (jnp.arange(size)[None, :] < buffers.count[:, None]).astype(jnp.float32)[..., None]
+    counts = buffers.count.astype(jnp.float32)
+    means = jnp.sum(buffers.features * filled, axis=1) / jnp.maximum(counts, 1.0)[:, None]
+    centred = (buffers.features - means[:, None, :]) * filled
+    covariance = jnp.einsum("ksd,kse->de", centred, centred) / jnp.maximum(jnp.sum(counts), 1.0)
+    return means, covariance + ridge * jnp.eye(dim, dtype=jnp.float32)
+
+
+def sample_outliers(buffers: OutlierBuffers, rng: jax.Array, *, num_candidates: int = 100_000,
+                    num_selected: int = 10_000, ridge: float = 1e-4) -> Outliers:
+    """Draws ``num_candidates`` per class from N(mu_k, Sigma) and keeps the ``num_selected`` least likely.
+
+    Source: MorphoSeg eq. 9 / VOS. Returns :class:`Outliers` with samples (C, M, D).
+    """
+    if not 1 <= num_selected <= num_candidates:
+        raise ValueError(f"need 1 <= num_selected <= num_candidates; got {num_selected}, {num_candidates}")
+    num_classes, _, dim = buffers.features.shape
+    means, covariance = class_gaussians(buffers, ridge)
+    cholesky = jnp.linalg.cholesky(covariance)
+    normal = jax.random.normal(rng, (num_classes, num_candidates, dim), jnp.float32)
+    squared_distance = jnp.sum(normal * normal, axis=-1)
+    farthest, index = jax.lax.top_k(squared_distance, num_selected)
+    chosen = jnp.take_along_axis(normal, index[..., None], axis=1)
+    samples = means[:, None, :] + chosen @ cholesky.T
+    log_det = 2.0 * jnp.sum(jnp.log(jnp.diagonal(cholesky)))
+    log_likelihood = -0.5 * (farthest + dim * math.log(2.0 * math.pi) + log_det)
+    return Outliers(samples=samples, log_likelihood=log_likelihood, means=means, valid=buffers.count >= 2)
+
+
+def _outlier_logits(outliers: Outliers, num_logits: int,
+                    head_fn: Callable[[jax.Array], jax.Array] | None) -> tuple[jax.Array, jax.Array]:
+    """(outlier logits (C, M, K), logits of the class means (C, K))."""
+    if head_fn is not None:
+        return head_fn(outliers.samples), head_fn(outliers.means)
+    if outliers.samples.shape[-1] != num_logits:
+        raise ValueError(f"outliers have width {outliers.samples.shape[-1]} but logits have {num_logits} "
+                         f"channels; pass head_fn mapping embeddings to logits")
+    return outliers.samples, outliers.means
+
+
+def synthesize_output(logits: jax.Array, labels: jax.Array, outliers: Outliers, rng: jax.Array, *,
+                      placement: str = "replace", head_fn: Callable[[jax.Array], jax.Array] | None = None,
+                      mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Uncertainty-enhanced output f_out: outliers of class k placed at random valid pixels of class k.
+
+    Args:
+      logits: (B, H, W, K) float; labels: (B, H, W) int; mask: optional (B, H, W).
+      outliers: from :func:`sample_outliers` with C = max(K, 2) classes.
+      rng: key choosing the pixels.
+      placement: 'replace' (pixel logits := outlier logits) or 'shift' (pixel logits += outlier - mean).
+      head_fn: maps (..., D) embeddings to (..., K) logits when D != K.
+
+    Returns:
+      (f_out (B, H, W, K) float32, placed (B, H, W) bool marking pixels that received an outlier).
+    """
+    check_inputs(logits, labels, mask)
+    if placement not in ("replace", "shift"):
+        raise ValueError(f"placement must be 'replace' or 'shift'; got {placement!r}")
+    batch_shape = logits.shape[:3]
+    num_logits = logits.shape[-1]
+    num_classes, num_selected, _ = outliers.samples.shape
+    if num_classes != max(num_logits, 2):
+        raise ValueError(f"outliers have {num_classes} classes; logits with K = {num_logits} need "
+                         f"{max(num_logits, 2)}")
+    outlier_logits, mean_logits = _outlier_logits(outliers, num_logits, head_fn)
+    flat = logits.astype(jnp.float32).reshape(-1, num_logits)
+    pixel_class = class_indices(labels, num_logits).reshape(-1)
+    valid = valid_weights(mask, labels).reshape(-1) > 0
+    take = min(num_selected, flat.shape[0])
+    priority = jax.random.uniform(rng, flat.shape[:1], jnp.float32, minval=0.5, maxval=1.0)
+
+    def pixels_of(klass, class_valid):
+        chosen = valid & (pixel_class == klass) & class_valid
+        scores, index = jax.lax.top_k(jnp.where(chosen, priority, 0.0), take)
+        return jnp.where(scores > 0, index, flat.shape[0])
+
+    index = jax.vmap(pixels_of)(jnp.arange(num_classes), outliers.valid).reshape(-1)
+    values = outlier_logits[:, :take].astype(jnp.float32)
+    if placement == "shift":
+        values = values - mean_logits[:, None, :]
+        synthetic = flat.at[index].add(values.reshape(-1, num_logits), mode="drop")
+    else:
+        synthetic = flat.at[index].set(values.reshape(-1, num_logits), mode="drop")
+    placed = jnp.zeros(flat.shape[:1], bool).at[index].set(True, mode="drop")
+    return synthetic.reshape(logits.shape), placed.reshape(batch_shape)
+
+
+def uncertainty_loss(logits: jax.Array, labels: jax.Array, outliers: Outliers, rng: jax.Array, *,
+                     beta1: float = 1.0, beta2: float = 1.0, placement: str = "replace",
+                     head_fn: Callable[[jax.Array], jax.Array] | None = None,
+                     mask: jax.Array | None = None) -> jax.Array:
+    """L_uncertainty = beta1 * CE(f_out, y) + beta2 * Dice(f_out, y) (MorphoSeg eqs. 13-15).
+
+    f_out comes from :func:`synthesize_output`; CE is :func:`neuroseg_jax.losses.bce_loss` (eq. 14) and
+    Dice the squared-denominator :func:`neuroseg_jax.losses.dice_loss` (eq. 13), both over valid pixels.
+    """
+    synthetic, _ = synthesize_output(logits, labels, outliers, rng, placement=placement, head_fn=head_fn,
+                                     mask=mask)
+    return beta1 * bce_loss(synthetic, labels, mask=mask) + beta2 * dice_loss(synthetic, labels, mask=mask)
+
+
+def _negative_energy(logits: jax.Array) -> jax.Array:
+    """-E(x) = logsumexp of the logits (a K = 1 sigmoid logit x is read as the pair (0, x))."""
+    logits = logits.astype(jnp.float32)
+    if logits.shape[-1] == 1:
+        return jax.nn.softplus(logits[..., 0])
+    return jax.nn.logsumexp(logits, axis=-1)
+
+
+def vos_energy_loss(logits: jax.Array, outliers: Outliers, *, weight: float | jax.Array = 1.0,
+                    bias: float | jax.Array = 0.0, head_fn: Callable[[jax.Array], jax.Array] | None = None,
+                    mask: jax.Array | None = None) -> jax.Array:
+    """VOS uncertainty regulariser (Du et al. 2022, eq. 5) on pixels.
+
+    A logistic regression sigma(weight * (-E) + bias) on the negative free energy -E = logsumexp(logits)
+    should say 1 for inlier pixels and 0 for virtual outliers. ``weight`` and ``bias`` are the trainable
+    scalars of that regression (keep them in the model params to learn them). The inlier and outlier
+    binary cross-entropies are averaged separately and summed (VOS averages the concatenation; with far
+    more pixels than outliers that would drown the outlier term). Outliers of classes whose queue was not
+    valid are ignored.
+
+    Args:
+      logits: (B, H, W, K) model logits; mask: optional (B, H, W) valid pixels.
+      outliers: from :func:`sample_outliers`; head_fn maps their embeddings to logits when D != K.
+    """
+    if logits.ndim != 4:
+        raise ValueError(f"logits must have shape (B, H, W, K); got {logits.shape}")
+    outlier_logits, _ = _outlier_logits(outliers, logits.shape[-1], head_fn)
+    inlier_score = weight * _negative_energy(logits) + bias
+    outlier_score = weight * _negative_energy(outlier_logits) + bias
+    valid = jnp.ones(logits.shape[:3], jnp.float32) if mask is None else (mask != 0).astype(jnp.float32)
+    inlier_term = jnp.sum(-jax.nn.log_sigmoid(inlier_score) * valid) / jnp.maximum(jnp.sum(valid), 1.0)
+    class_valid = jnp.broadcast_to(outliers.valid[:, None], outlier_score.shape).astype(jnp.float32)
+    outlier_term = (jnp.sum(-jax.nn.log_sigmoid(-outlier_score) * class_valid)
+                    / jnp.maximum(jnp.sum(class_valid), 1.0))
+    return inlier_term + outlier_term
+
+
+def outlier_regularizer(buffers: OutlierBuffers, logits: jax.Array, labels: jax.Array, rng: jax.Array, *,
+                        step: jax.Array | int, start_step: int = 0, embeddings: jax.Array | None = None,
+                        max_per_class: int | None = None, num_candidates: int = 100_000,
+                        num_selected: int = 10_000, ridge: float = 1e-4, beta1: float = 1.0,
+                        beta2: float = 1.0, variant: str = "uncertainty", placement: str = "replace",
+                        head_fn: Callable[[jax.Array], jax.Array] | None = None,
+                        mask: jax.Array | None = None) -> tuple[jax.Array, OutlierBuffers]:
+    """One train-step of outlier synthesis: enqueue this batch, then (from ``start_step``) sample and score.
+
+    Args:
+      buffers: queues from :func:`init_buffers` with C = max(K, 2) classes and width D (= K for logits).
+      logits: (B, H, W, K) model output (differentiated through the loss).
+      labels: (B, H, W) int; mask: optional (B, H, W).
+      rng: key (split internally for enqueueing, sampling and placement).
+      step: current train step (traced is fine); before ``start_step`` the loss is 0 and no sampling runs
+        (``lax.cond``), but queues are still filled.
+      embeddings: (B, H, W, D) embeddings to enqueue; default the logits themselves.
+      variant: 'uncertainty' (MorphoSeg eq. 15, needs beta1/beta2/placement) or 'vos' (energy loss).
+
+    Returns:
+      (loss float32 scalar, updated buffers).
+    """
+    if variant not in ("uncertainty", "vos"):
+        raise ValueError(f"variant must be 'uncertainty' or 'vos'; got {variant!r}")
+    check_inputs(logits, labels, mask)
+    enqueue_rng, sample_rng, place_rng = jax.random.split(rng, 3)
+    source = logits if embeddings is None else embeddings
+    buffers = update_buffers(buffers, source, class_indices(labels, logits.shape[-1]), enqueue_rng,
+                             max_per_class=max_per_class, mask=mask)
+
+    def active(_):
+        outliers = sample_outliers(buffers, sample_rng, num_candidates=num_candidates,
+                                   num_selected=num_selected, ridge=ridge)
+        outliers = jax.tree_util.tree_map(jax.lax.stop_gradient, outliers)
+        if variant == "vos":
+            return vos_energy_loss(logits, outliers, head_fn=head_fn, mask=mask)
+        return uncertainty_loss(logits, labels, outliers, place_rng, beta1=beta1, beta2=beta2,
+                                placement=placement, head_fn=head_fn, mask=mask)
+
+    loss = jax.lax.cond(jnp.asarray(step) >= start_step, active, lambda _: jnp.zeros((), jnp.float32), None)
+    return loss, buffers

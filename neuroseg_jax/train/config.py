@@ -1,0 +1,78 @@
+"""Helpers for ``configs/*.py``: the ``:ARGS`` mini-language and validation before compiling.
+
+``configs/imsahlo.py:quick,model=unet,loss=tversky+focal`` reaches ``get_config`` as
+``"quick,model=unet,loss=tversky+focal"``; ``parse_config_arg`` turns it into a dict and rejects
+anything the config does not declare.
+"""
+
+from typing import Mapping
+
+import ml_collections
+
+from neuroseg_jax.train.sharding import DATA_AXIS, mesh_shape
+
+
+def parse_config_arg(arg: str | None, allowed: Mapping[str, object]) -> dict:
+    """``"quick,model=unet"`` -> ``{"quick": True, "model": "unet"}``, with defaults from ``allowed``.
+
+    Unknown names raise a ValueError that lists the allowed ones.
+    """
+    values = dict(allowed)
+    for item in filter(None, (part.strip() for part in (arg or "").split(","))):
+        key, sep, value = item.partition("=")
+        if key not in allowed:
+            raise ValueError(f"unknown config argument {key!r}; allowed: {sorted(allowed)}")
+        values[key] = value if sep else True
+    return values
+
+
+def default_outlier_config() -> ml_collections.ConfigDict:
+    """``config.outliers``: virtual outlier synthesis (MorphoSeg §3.2-3.3; off unless enabled)."""
+    return ml_collections.ConfigDict({
+        "enabled": False,
+        "start_epoch": 150,  # MorphoSeg: sampling from the 150th of 200 epochs
+        "start_step": 0,  # > 0 overrides start_epoch
+        "buffer_size": 1000,  # embeddings (per-pixel logit vectors) kept per class
+        "max_per_class": 100,  # new embeddings per class and step
+        "num_candidates": 100_000,  # drawn per class from N(mu_k, Sigma)
+        "num_selected": 10_000,  # lowest-likelihood candidates kept
+        "ridge": 1e-4,  # added to the diagonal of the shared covariance
+        "beta1": 0.5,  # weight of CE on the uncertainty-enhanced output
+        "beta2": 0.5,  # weight of Dice on the uncertainty-enhanced output
+        "weight": 1.0,  # beta of lambda L_seg + beta L_uncertainty (before config.loss.weighting)
+        "variant": "uncertainty",  # 'uncertainty' (MorphoSeg eq. 15) or 'vos' (energy logistic loss)
+        "placement": "replace",  # outliers replace the logits of their pixels, or 'shift' them
+    })
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int, process_count: int) -> None:
+    """Checks that need no compilation, so a bad key or value fails in seconds, naming itself."""
+    from neuroseg_jax import losses, models  # deferred: keeps configs cheap to import
+
+    if config.model.name not in models.MODELS:
+        raise ValueError(f"config.model.name={config.model.name!r} is not a registered model; "
+                         f"known: {sorted(models.MODELS)}")
+    unknown = sorted(set(config.loss.terms) - set(losses.LOSS_TERMS))
+    if unknown:
+        raise ValueError(f"config.loss.terms: unknown loss term(s) {unknown}; known: {sorted(losses.LOSS_TERMS)}")
+    unknown = sorted(set(config.loss.params) - set(losses.LOSS_TERMS))
+    if unknown:
+        raise ValueError(f"config.loss.params: unknown loss term(s) {unknown}; known: {sorted(losses.LOSS_TERMS)}")
+    if config.loss.weighting not in ("balance", "norm", "pareto"):
+        raise ValueError(f"config.loss.weighting={config.loss.weighting!r}; use balance, norm or pareto")
+    if config.outliers.enabled and config.outliers.num_selected > config.outliers.num_candidates:
+        raise ValueError("config.outliers.num_selected must not exceed config.outliers.num_candidates")
+    if not config.loss.terms:
+        raise ValueError("config.loss.terms is empty: give at least one loss term and its weight")
+    batch = config.train.batch_size
+    data_axis = mesh_shape(config.mesh, num_devices)[DATA_AXIS]
+    if batch % data_axis or batch % process_count:
+        raise ValueError(f"config.train.batch_size={batch} must be divisible by the {data_axis} devices of the "
+                         f"'data' mesh axis and by the {process_count} processes")
+    if config.data.source == "folder" and not config.data.root:
+        raise ValueError("config.data.source='folder' needs config.data.root=DIR (with images/ and masks/)")
+    crop = config.data.crop_size
+    if crop is None:
+        raise ValueError("config.data.crop_size must be set: training batches need one size")
+    if config.train.num_steps <= 0 and config.train.num_epochs <= 0:
+        raise ValueError("set config.train.num_steps or config.train.num_epochs to a positive number")

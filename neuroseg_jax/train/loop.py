@@ -1,0 +1,294 @@
+"""``train_and_evaluate(config, workdir)``: the whole training run, callable from a Colab."""
+
+import functools
+import json
+import math
+import pathlib
+import signal
+import subprocess
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from neuroseg_jax import data as data_lib
+from neuroseg_jax import losses, models
+from neuroseg_jax.train import checkpoint as checkpoint_lib
+from neuroseg_jax.train import metrics_log, plots
+from neuroseg_jax.train import sharding as sharding_lib
+from neuroseg_jax.train.config import validate_config
+from neuroseg_jax.train.optim import make_optimizer, make_schedule
+from neuroseg_jax.train.plateau import PlateauState, update_plateau
+from neuroseg_jax.train.state import TrainState, create_train_state
+from neuroseg_jax.train.step import make_step_fns
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when a step's loss or gradient is NaN/Inf; the message names the step, the loss
+    terms and the last good checkpoint (the state of the bad step is never saved)."""
+
+
+def build_model(model_config: ml_collections.ConfigDict):
+    """``config.model``: ``name`` picks the registered model, every other key is its argument."""
+    kwargs = model_config.to_dict()
+    return models.create_model(kwargs.pop("name"), **kwargs)
+
+
+def make_loss_fn(loss_config: ml_collections.ConfigDict):
+    weights = dict(loss_config.terms)
+    params = loss_config.params.to_dict()
+
+    def loss_fn(logits, labels):
+        return losses.hybrid_loss(logits, labels, weights=weights, params=params)
+
+    return loss_fn
+
+
+def make_outlier_fns(config: ml_collections.ConfigDict, steps_per_epoch: int):
+    """(buffer initialiser, per-step regulariser) from ``config.outliers``, or (None, None).
+
+    Embeddings are the per-pixel logit vectors, so the buffers hold max(K, 2) classes of width K.
+    """
+    settings = config.outliers
+    if not settings.enabled:
+        return None, None
+    num_logits = int(config.model.num_classes)
+    start_step = int(settings.start_step or settings.start_epoch * steps_per_epoch)
+    init = functools.partial(losses.outliers.init_buffers, max(num_logits, 2), int(settings.buffer_size), num_logits)
+    regularizer = functools.partial(
+        losses.outliers.outlier_regularizer, start_step=start_step, max_per_class=int(settings.max_per_class),
+        num_candidates=int(settings.num_candidates), num_selected=int(settings.num_selected),
+        ridge=float(settings.ridge), beta1=float(settings.beta1), beta2=float(settings.beta2),
+        variant=settings.variant, placement=settings.placement)
+    return init, regularizer
+
+
+def loss_weights(config: ml_collections.ConfigDict) -> dict[str, float]:
+    weights = {name: float(value) for name, value in config.loss.terms.items()}
+    if config.outliers.enabled:
+        weights["uncertainty"] = float(config.outliers.weight)
+    return weights
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=pathlib.Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _write_snapshot(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+    (workdir / "config.json").write_text(config.to_json(indent=2))
+    (workdir / "run_info.json").write_text(json.dumps({
+        "git_commit": _git_commit(), "jax": jax.__version__, "devices": [str(d) for d in jax.devices()],
+        "process_count": jax.process_count()}, indent=2))
+
+
+class _StopRequest:
+    """SIGTERM (a pre-empted job) asks the loop to save and leave at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.getsignal(signal.SIGTERM)
+        try:
+            signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. some notebook kernels): no handler
+            self._previous = None
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _eval_batches(data_config, batch_size: int, seed: int):
+    """Padded validation batches of this process: every process yields the same number of
+    batches (collectives need it); padding rows carry ``weight`` 0."""
+    count = jax.process_count()
+    index = jax.process_index()
+    num_images = len(data_lib.build_dataset(data_config, "val"))
+    if num_images == 0:
+        raise ValueError("the validation split is empty: raise config.data.split.val_fraction or add images")
+    num_batches = math.ceil(math.ceil(num_images / count) / batch_size)
+    loader = data_lib.make_loader(data_config, "val", batch_size=batch_size, seed=seed,
+                                  process_index=index, process_count=count, num_epochs=1)
+    batches = list(loader)
+    template = batches[0]
+    for position in range(num_batches):
+        batch = batches[position] if position < len(batches) else {k: v[:0] for k, v in template.items()}
+        real = len(batch["image"])
+        padded = {k: np.concatenate([v, np.zeros((batch_size - real,) + v.shape[1:], v.dtype)])
+                  for k, v in batch.items()}
+        padded["weight"] = (np.arange(batch_size) < real).astype(np.float32)
+        yield padded
+
+
+def evaluate(state: TrainState, eval_step, data_config, batch_size: int, seed: int, mesh) -> dict[str, float]:
+    """Validation loss (mean of per-image losses) and pooled pixel metrics over the val split."""
+    totals: dict[str, float] = {}
+    for batch in _eval_batches(data_config, batch_size, seed):
+        sums = jax.device_get(eval_step(state, sharding_lib.global_batch(batch, mesh)))
+        for key, value in sums.items():
+            totals[key] = totals.get(key, 0.0) + float(value)
+    tp, fp, fn, tn = (totals[k] for k in ("tp", "fp", "fn", "tn"))
+    eps = 1e-12
+    return {
+        "loss": totals["loss_sum"] / max(totals["count"], 1.0),
+        "dice": 2 * tp / max(2 * tp + fp + fn, eps),
+        "iou": tp / max(tp + fp + fn, eps),
+        "precision": tp / max(tp + fp, eps),
+        "recall": tp / max(tp + fn, eps),
+        "accuracy": (tp + tn) / max(tp + fp + fn + tn, eps),
+    }
+
+
+def _save_previews(state: TrainState, data_config, num: int, path: pathlib.Path) -> None:
+    dataset = data_lib.build_dataset(data_config, "val")
+    loader = data_lib.make_loader(data_config, "val", batch_size=min(num, len(dataset)), seed=0, num_epochs=1)
+    batch = next(iter(loader))
+    variables = {"params": jax.device_get(state.params)}
+    if state.batch_stats:
+        variables["batch_stats"] = jax.device_get(state.batch_stats)
+    logits = np.asarray(jax.jit(lambda v, x: state.apply_fn(v, x, train=False))(variables, batch["image"]))
+    probs = 1 / (1 + np.exp(-logits[..., 0])) if logits.shape[-1] == 1 else 1 - _softmax(logits)[..., 0]
+    plots.save_predictions(path, batch["image"], batch["mask"], probs)
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
+    """Train ``config`` in ``workdir`` (resuming from its latest checkpoint if there is one).
+
+    Returns the last validation metrics. Writes ``checkpoints/{latest,best}``, ``metrics.jsonl``,
+    TensorBoard events, ``config.json``, ``run_info.json`` and ``plots/`` (process 0 only).
+    """
+    validate_config(config, jax.device_count(), jax.process_count())
+    workdir = pathlib.Path(workdir)
+    is_chief = jax.process_index() == 0
+    if is_chief:
+        (workdir / "plots").mkdir(parents=True, exist_ok=True)
+        _write_snapshot(config, workdir)
+
+    mesh = sharding_lib.make_mesh(config.mesh)
+    global_batch = int(config.train.batch_size)
+    local_batch = global_batch // jax.process_count()
+    eval_batch = int(config.train.eval_batch_size or global_batch) // jax.process_count()
+
+    num_train = len(data_lib.build_dataset(config.data, "train"))
+    steps_per_epoch = max(num_train // global_batch, 1)
+    total_steps = int(config.train.num_steps or config.train.num_epochs * steps_per_epoch)
+    eval_every = int(config.train.eval_every or steps_per_epoch)
+    checkpoint_every = int(config.train.checkpoint_every or eval_every)
+
+    model = build_model(config.model)
+    tx = make_optimizer(config.optim, total_steps)
+    loss_fn = make_loss_fn(config.loss)
+    rng = jax.random.key(config.seed)
+    init_rng, step_rng = jax.random.split(rng)
+    crop_h, crop_w = config.data.crop_size
+    init_outliers, outlier_fn = make_outlier_fns(config, steps_per_epoch)
+    state, state_shardings = create_train_state(
+        model, tx, init_rng, (1, crop_h, crop_w, config.data.channels), mesh,
+        models.sharding_rules(config.model.name), init_outliers=init_outliers)
+    train_step, eval_step = make_step_fns(loss_fn, mesh, state_shardings, loss_weights=loss_weights(config),
+                                          weighting=config.loss.weighting, outlier_fn=outlier_fn)
+
+    train_iter = iter(data_lib.make_loader(config.data, "train", batch_size=local_batch, seed=config.seed,
+                                           process_index=jax.process_index(),
+                                           process_count=jax.process_count()))
+    checkpoints = checkpoint_lib.Checkpoints(workdir, keep=config.train.keep_checkpoints)
+    plateau = PlateauState()
+    best_step = None
+    if checkpoints.latest_step() is not None:
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                state.checkpoint_items(), state_shardings.checkpoint_items())
+        items, meta = checkpoints.restore_latest(abstract, train_iter)
+        state = state.with_checkpoint_items(items)
+        plateau = PlateauState.from_json(meta["plateau"])
+        best_step = meta.get("best_step")
+        if is_chief:
+            metrics_log.truncate_after(workdir / "metrics.jsonl", int(meta["step"]))
+    start_step = int(jax.device_get(state.step))
+    writer = metrics_log.MetricWriter(workdir, enabled=is_chief)
+    stop = _StopRequest()
+    plateau_config = config.optim.plateau
+    last_val: dict[str, float] = {}
+    schedule = make_schedule(config.optim, total_steps)
+
+    def save_latest(step: int) -> None:
+        checkpoints.save_latest(step, state.checkpoint_items(), train_iter,
+                                {"step": step, "plateau": plateau.to_json(), "best_step": best_step})
+
+    progress = tqdm(total=total_steps, initial=start_step, disable=not is_chief, dynamic_ncols=True,
+                    desc="train", unit="step")
+    window_start, window_images = time.perf_counter(), 0
+    step = start_step
+    try:
+        while step < total_steps:
+            batch = sharding_lib.global_batch(next(train_iter), mesh)
+            state, metrics = train_step(state, batch, step_rng)
+            step += 1
+            window_images += global_batch
+            metrics = jax.device_get(metrics)
+            if not metrics["finite"]:
+                last = checkpoints.latest_step()
+                terms = {k: float(v) for k, v in metrics.items() if k.startswith("loss")}
+                raise NonFiniteLossError(
+                    f"non-finite loss or gradient at step {step}: loss terms {terms}, gradient norm "
+                    f"{float(metrics['grad_norm'])}; the state was not updated and not saved; last good "
+                    f"checkpoint: {workdir / 'checkpoints' / 'latest' / str(last) if last is not None else 'none'}")
+            progress.update(1)
+            if step % config.train.log_every == 0 or step == total_steps:
+                elapsed = time.perf_counter() - window_start
+                record = {k: v for k, v in metrics.items() if k != "finite"}
+                record["lr"] = float(schedule(step - 1)) * plateau.lr_scale
+                record["images_per_s"] = window_images / max(elapsed, 1e-9)
+                writer.write(step, "train", record)
+                progress.set_postfix(loss=f"{float(metrics['loss']):.4f}",
+                                     img_s=f"{record['images_per_s']:.1f}")
+                window_start, window_images = time.perf_counter(), 0
+            if step % eval_every == 0 or step == total_steps:
+                last_val = evaluate(state, eval_step, config.data, eval_batch, config.seed, mesh)
+                plateau = update_plateau(plateau, last_val["loss"], factor=plateau_config.factor,
+                                         patience=plateau_config.patience, min_scale=plateau_config.min_scale,
+                                         threshold=plateau_config.threshold,
+                                         early_stop_patience=config.train.early_stop.patience)
+                improved = plateau.evals_since_best == 0
+                state = state.replace(lr_scale=jax.device_put(jnp.float32(plateau.lr_scale),
+                                                              state_shardings.lr_scale))
+                writer.write(step, "val", {**last_val, "lr_scale": plateau.lr_scale})
+                progress.write(f"step {step}: " + ", ".join(f"val_{k}={v:.4f}" for k, v in last_val.items()))
+                if improved:
+                    best_step = step
+                    checkpoints.save_best(step, {"params": state.params, "batch_stats": state.batch_stats},
+                                          {"step": step, "val": last_val})
+            if step % checkpoint_every == 0 or step == total_steps or stop.requested or plateau.should_stop:
+                save_latest(step)
+            if stop.requested:
+                progress.write(f"SIGTERM: saved step {step} to {workdir / 'checkpoints'}; stopping")
+                break
+            if plateau.should_stop:
+                progress.write(f"early stopping at step {step}: no improvement in "
+                               f"{config.train.early_stop.patience} evaluations (best {plateau.best:.4f})")
+                break
+    finally:
+        progress.close()
+        checkpoints.wait()
+        checkpoints.close()
+        writer.close()
+        stop.restore()
+
+    if is_chief:
+        plots.save_curves(workdir / "plots" / "curves.png", metrics_log.read_metrics(workdir / "metrics.jsonl"))
+        _save_previews(state, config.data, int(config.train.num_preview), workdir / "plots" / "predictions.png")
+    return last_val

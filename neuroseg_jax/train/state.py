@@ -1,0 +1,71 @@
+"""The train state pytree and its (sharded) creation."""
+
+import functools
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import Mesh
+
+from neuroseg_jax.train import sharding as sharding_lib
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a step reads and writes. ``apply_fn`` and ``tx`` are static (not saved).
+
+    ``lr_scale`` is the plateau multiplier set by the host after each validation;
+    ``batch_stats`` is ``{}`` for models without BatchNorm; ``outliers`` holds the per-class
+    embedding buffers of outlier synthesis (``losses.outliers.OutlierBuffers``) or ``None``.
+    """
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    batch_stats: Any
+    lr_scale: jax.Array
+    outliers: Any
+    apply_fn: Callable = struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+
+    def checkpoint_items(self) -> dict:
+        """The saved part of the state (everything that is an array)."""
+        items = {"step": self.step, "params": self.params, "opt_state": self.opt_state,
+                 "batch_stats": self.batch_stats, "lr_scale": self.lr_scale}
+        if self.outliers is not None:
+            items["outliers"] = self.outliers._asdict()
+        return items
+
+    def with_checkpoint_items(self, items: dict) -> "TrainState":
+        items = dict(items)
+        if "outliers" in items:
+            items["outliers"] = type(self.outliers)(**items["outliers"])
+        return self.replace(**items)
+
+
+def _init_state(model: flax.linen.Module, tx: optax.GradientTransformation, rng: jax.Array,
+                input_shape: tuple[int, ...], init_outliers: Callable[[], Any] | None) -> TrainState:
+    variables = model.init({"params": rng, "dropout": rng}, jnp.zeros(input_shape, jnp.float32), train=False)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      batch_stats=variables.get("batch_stats", {}), lr_scale=jnp.ones((), jnp.float32),
+                      outliers=init_outliers() if init_outliers is not None else None,
+                      apply_fn=model.apply, tx=tx)
+
+
+def create_train_state(model: flax.linen.Module, tx: optax.GradientTransformation, rng: jax.Array,
+                       input_shape: tuple[int, ...], mesh: Mesh, param_rules=(),
+                       init_outliers: Callable[[], Any] | None = None) -> tuple[TrainState, Any]:
+    """Initialise directly into its shardings (no full copy on one device first).
+
+    Returns the state and its sharding pytree (for ``jax.jit`` in/out shardings). Optimizer
+    moments follow the sharding of the parameters they mirror because the rules match on the
+    parameter path, which optax's states repeat.
+    """
+    init_fn = functools.partial(_init_state, model, tx, input_shape=input_shape, init_outliers=init_outliers)
+    abstract = jax.eval_shape(init_fn, rng)
+    shardings = sharding_lib.tree_shardings(abstract, mesh, param_rules)
+    init = jax.jit(init_fn, out_shardings=shardings)
+    return init(rng), shardings

@@ -1,0 +1,196 @@
+"""conv2d: values and gradients equal those of plain `lax.conv_general_dilated`.
+
+The fast CPU kernel gradient (custom VJP, chunked matrix products) must agree with JAX's own
+derivative of the plain convolution for every stride, dilation, padding, group count and odd
+size, under jit, vmap and a sharded multi-device mesh.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from neuroseg_jax.models import conv
+from neuroseg_jax.models.conv import conv2d
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def plain_conv(x, kernel, strides, padding, dilation, groups):
+    return lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=strides,
+        padding=padding,
+        rhs_dilation=dilation,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups,
+    )
+
+
+def random_pair(input_shape, kernel_shape, seed=0):
+    rng = np.random.default_rng(seed)
+    return (
+        jnp.asarray(rng.normal(size=input_shape), jnp.float32),
+        jnp.asarray(rng.normal(size=kernel_shape), jnp.float32),
+    )
+
+
+def loss_of(conv_fn):
+    """A nonlinear scalar of the convolution, so the cotangent is not all ones."""
+    return lambda x, kernel: jnp.sum(jnp.sin(conv_fn(x, kernel)))
+
+
+# (input NHWC, kernel HWIO, strides, padding, dilation, groups)
+CASES = [
+    ((2, 9, 11, 3), (3, 3, 3, 5), (1, 1), "SAME", (1, 1), 1),  # odd sizes, split shifts
+    ((1, 8, 7, 4), (3, 3, 4, 2), (2, 1), "VALID", (1, 1), 1),  # batch 1, row stride
+    ((2, 10, 9, 4), (3, 2, 4, 6), (1, 2), ((1, 2), (0, 1)), (2, 1), 1),  # explicit pads, col stride
+    ((2, 9, 9, 8), (3, 3, 8, 8), (2, 2), "SAME", (2, 2), 1),  # stride and dilation
+    ((1, 7, 6, 1), (5, 3, 1, 4), (1, 1), ((2, -1), (1, 1)), (1, 1), 1),  # thin input, negative pad
+    ((2, 6, 5, 8), (1, 1, 8, 3), (1, 1), "SAME", (1, 1), 1),  # 1x1
+    ((1, 9, 8, 6), (3, 3, 6, 6), (1, 1), "SAME_LOWER", (1, 3), 1),
+    ((2, 10, 9, 4), (3, 3, 2, 6), (1, 1), "SAME", (1, 2), 2),  # grouped
+    ((1, 8, 8, 4), (3, 3, 1, 4), (2, 2), "VALID", (1, 1), 4),  # depthwise
+]
+
+
+def assert_matches_plain(case, *, transform=lambda f: f, tolerance=2e-5):
+    input_shape, kernel_shape, strides, padding, dilation, groups = case
+    x, kernel = random_pair(input_shape, kernel_shape)
+    ours = loss_of(lambda a, b: conv2d(a, b, strides=strides, padding=padding, dilation=dilation, groups=groups))
+    plain = loss_of(lambda a, b: plain_conv(a, b, strides, padding, dilation, groups))
+    expected = jax.grad(plain, (0, 1))(x, kernel)
+    actual = transform(jax.grad(ours, (0, 1)))(x, kernel)
+    for got, want, name in zip(actual, expected, ("inputs", "kernel")):
+        assert got.shape == want.shape and got.dtype == want.dtype, name
+        np.testing.assert_allclose(got, want, rtol=tolerance, atol=tolerance * float(jnp.max(jnp.abs(want))), err_msg=name)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: f"{case[0]}-{case[1]}-s{case[2]}-{case[3]}-d{case[4]}-g{case[5]}")
+def test_forward_and_gradients_match_plain_convolution(case):
+    input_shape, kernel_shape, strides, padding, dilation, groups = case
+    x, kernel = random_pair(input_shape, kernel_shape)
+    np.testing.assert_allclose(
+        conv2d(x, kernel, strides=strides, padding=padding, dilation=dilation, groups=groups),
+        plain_conv(x, kernel, strides, padding, dilation, groups),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    assert_matches_plain(case, transform=jax.jit)
+
+
+@pytest.mark.parametrize("case", CASES[:5], ids=str)
+def test_chunked_kernel_gradient_matches(case, monkeypatch):
+    """Tiny chunks force the fori_loop over output rows, including zero-padded last chunks."""
+    monkeypatch.setattr(conv, "CHUNK_POSITIONS", 7)
+    assert_matches_plain(case, transform=jax.jit)
+
+
+def test_vmap_over_inputs_and_kernels():
+    x, kernel = random_pair((3, 2, 7, 9, 4), (3, 3, 3, 4, 5))
+    ours = jax.vmap(jax.grad(loss_of(lambda a, b: conv2d(a, b, padding="SAME")), (0, 1)))
+    plain = jax.vmap(jax.grad(loss_of(lambda a, b: plain_conv(a, b, (1, 1), "SAME", (1, 1), 1)), (0, 1)))
+    for got, want in zip(jax.jit(ours)(x, kernel), plain(x, kernel)):
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * float(jnp.max(jnp.abs(want))))
+
+
+def test_vmap_shared_kernel_with_chunks(monkeypatch):
+    monkeypatch.setattr(conv, "CHUNK_POSITIONS", 5)
+    x, kernel = random_pair((2, 1, 6, 7, 3), (3, 3, 3, 4))
+    ours = jax.vmap(jax.grad(loss_of(lambda a, b: conv2d(a, b)), (0, 1)), in_axes=(0, None))
+    plain = jax.vmap(jax.grad(loss_of(lambda a, b: plain_conv(a, b, (1, 1), "SAME", (1, 1), 1)), (0, 1)), in_axes=(0, None))
+    for got, want in zip(ours(x, kernel), plain(x, kernel)):
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * float(jnp.max(jnp.abs(want))))
+
+
+def test_bfloat16_gradients_keep_dtypes():
+    x, kernel = random_pair((1, 6, 6, 4), (3, 3, 4, 4))
+    x, kernel = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
+    grads = jax.grad(lambda a, b: jnp.sum(conv2d(a, b).astype(jnp.float32)), (0, 1))(x, kernel)
+    expected = jax.grad(lambda a, b: jnp.sum(plain_conv(a, b, (1, 1), "SAME", (1, 1), 1).astype(jnp.float32)), (0, 1))(
+        x, kernel
+    )
+    for got, want in zip(grads, expected):
+        assert got.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.float32(got), np.float32(want), rtol=2e-2, atol=0.1)
+
+
+def test_native_kernel_gradient_branch_matches():
+    """The non-CPU branch of `lax.platform_dependent` (XLA's own kernel gradient), run on CPU."""
+    x, kernel = random_pair((2, 7, 6, 3), (3, 3, 3, 4))
+    grad = jnp.cos(plain_conv(x, kernel, (2, 1), ((1, 1), (0, 2)), (1, 2), 1))
+    common = dict(strides=(2, 1), pads=((1, 1), (0, 2)), dilation=(1, 2))
+    native = conv._kernel_grad_native(x, grad, kernel=kernel, **common)
+    matmul = conv._kernel_grad_matmul(x, grad, kernel_shape=kernel.shape, **common)
+    np.testing.assert_allclose(matmul, native, rtol=2e-5, atol=2e-5 * float(jnp.max(jnp.abs(native))))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(strides=(0, 1)), "strides"),
+        (dict(dilation=(1,)), "dilation"),
+        (dict(groups=3), "groups"),
+        (dict(padding=((1, 1),)), "padding"),
+    ],
+)
+def test_bad_arguments_raise(kwargs, message):
+    x, kernel = random_pair((1, 5, 5, 4), (3, 3, 4, 2))
+    with pytest.raises(ValueError, match=message):
+        conv2d(x, kernel, **kwargs)
+
+
+def test_bad_ranks_raise():
+    with pytest.raises(ValueError, match="NHWC"):
+        conv2d(jnp.zeros((5, 5, 4)), jnp.zeros((3, 3, 4, 2)))
+
+
+SHARDED_SCRIPT = textwrap.dedent(
+    """
+    import jax, jax.numpy as jnp, numpy as np
+    from jax import lax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from neuroseg_jax.models import conv
+    from neuroseg_jax.models.conv import conv2d
+
+    assert jax.device_count() == 4, jax.devices()
+    mesh = Mesh(np.array(jax.devices()).reshape(4), ("data",))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(8, 9, 7, 3)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(3, 3, 3, 5)), jnp.float32)
+    x = jax.device_put(x, NamedSharding(mesh, P("data")))
+    kernel = jax.device_put(kernel, NamedSharding(mesh, P()))
+
+    def loss(conv_fn, a, b):
+        return jnp.sum(jnp.sin(conv_fn(a, b)))
+
+    plain = lambda a, b: lax.conv_general_dilated(a, b, (1, 2), "SAME", rhs_dilation=(2, 1),
+                                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    ours = lambda a, b: conv2d(a, b, strides=(1, 2), padding="SAME", dilation=(2, 1))
+    expected = jax.jit(jax.grad(lambda a, b: loss(plain, a, b), (0, 1)))(x, kernel)
+    for chunk in (conv.CHUNK_POSITIONS, 6):
+        conv.CHUNK_POSITIONS = chunk
+        got = jax.jit(jax.grad(lambda a, b: loss(ours, a, b), (0, 1)))(x, kernel)
+        assert got[0].sharding.is_equivalent_to(x.sharding, 4), got[0].sharding
+        for g, e in zip(got, expected):
+            np.testing.assert_allclose(g, e, rtol=2e-5, atol=2e-5 * float(jnp.max(jnp.abs(e))))
+    print("sharded ok")
+    """
+)
+
+
+def test_sharded_gradients_on_four_cpu_devices():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
+    result = subprocess.run(
+        [sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0 and "sharded ok" in result.stdout, result.stderr[-3000:]
