@@ -4,8 +4,10 @@ Prints a table of medians over several runs. The reference in the same process i
 soft-skeleton clDice (two erosions per iteration via lax.reduce_window, as in Shit et al.'s code and
 MONAI's SoftclDiceLoss, with 3 iterations), so the clDice row can be compared with it directly.
 Also times one outlier-regularizer call (enqueue + sample 100k/keep 10k per class + f_out loss).
+With ``--model imsahlo`` it also times the model's own forward+backward at the same size and prints
+each loss's share of a training step (model + hybrid loss).
 
-    python benchmarks/losses.py [--repeats 5] [--height 512 --width 768]
+    python benchmarks/losses.py [--repeats 5] [--height 512 --width 768] [--model imsahlo --model-width 16]
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--height", type=int, default=512)
     parser.add_argument("--width", type=int, default=768)
+    parser.add_argument("--model", default="", help="also time this model's forward+backward (e.g. imsahlo)")
+    parser.add_argument("--model-width", type=int, default=None, help="model base width (default: its own)")
     args = parser.parse_args()
     shape = (args.batch, args.height, args.width)
     key_logits, key_labels = jax.random.split(jax.random.PRNGKey(0))
@@ -102,10 +106,36 @@ def main() -> None:
     rows.append(("outlier regularizer (100k -> 10k / class)",
                  _time(outlier_step, buffers, logits, labels, jax.random.PRNGKey(2), repeats=args.repeats)))
 
+    model_seconds = _time_model(args, logits, repeats=args.repeats) if args.model else None
     print(f"forward+backward, logits {shape + (1,)}, {jax.devices()[0].platform}, median of {args.repeats}")
-    print(f"{'loss':44s} {'seconds':>9s} {'vs reference':>13s}")
+    header = f"{'loss':44s} {'seconds':>9s} {'vs reference':>13s}"
+    if model_seconds is not None:
+        step_seconds = model_seconds + dict(rows)["hybrid (IMSAHLO, clDice 10 it)"]
+        print(f"model {args.model} forward+backward: {model_seconds:.4f} s; step = model + hybrid loss: "
+              f"{step_seconds:.4f} s")
+        header += f" {'% of step':>10s}"
+    print(header)
     for name, seconds in rows:
-        print(f"{name:44s} {seconds:9.4f} {seconds / reference:12.2f}x")
+        line = f"{name:44s} {seconds:9.4f} {seconds / reference:12.2f}x"
+        if model_seconds is not None:
+            line += f" {100 * seconds / step_seconds:9.1f}%"
+        print(line)
+
+
+def _time_model(args: argparse.Namespace, logits: jax.Array, *, repeats: int) -> float:
+    """Median forward+backward time of the model on images of the benchmark size."""
+    from neuroseg_jax.models import create_model  # only the benchmark needs a model; losses never import one
+
+    kwargs = {"num_classes": 1} if args.model_width is None else {"num_classes": 1, "width": args.model_width}
+    model = create_model(args.model, **kwargs)
+    images = jax.nn.sigmoid(logits)
+    params = model.init(jax.random.PRNGKey(0), images[:1])["params"]
+
+    @jax.jit
+    def model_grad(params, images):
+        return jax.grad(lambda p: jnp.mean(model.apply({"params": p}, images, train=False)))(params)
+
+    return _time(model_grad, params, images, repeats=repeats)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,10 @@ followed by depth-to-space, the same linear map), skip concatenation, 1x1 head, 
 1 output channel (~1.9M parameters); loss: mean sigmoid binary cross-entropy.
 
 Prints s/step (median of --steps after one warm-up step), GFLOP/s against XLA's FLOP count of
-the jax-lax step (same work for jax-lax, jax-conv2d and torch; each model its own count),
-the ratio to torch (or to jax-lax when torch is absent) and peak RSS during that variant's steps.
+the plain-lax twin (jax-lax for jax-conv2d and torch, unet-lax for unet, imsahlo-lax for imsahlo,
+when built; XLA counts the custom kernel gradient differently),
+the ratio to torch (or to the first variant when torch is absent), the process's peak RSS while
+that variant ran (includes the other variants' resident state) and the step's growth over it.
 
   python benchmarks/train_step.py                      # 512x768, batch 2, 5 steps
   python benchmarks/train_step.py --size 128x192 --steps 3 --variants jax-lax,jax-conv2d
@@ -155,11 +157,12 @@ class PeakRss:
         except OSError:
             self.resettable = False
 
-    def read_mib(self) -> float:
+    def read_mib(self, field: str = "VmHWM") -> float:
+        """VmHWM (peak) or VmRSS (current) in MiB; the process-lifetime peak if /proc is unreadable."""
         try:
             with open("/proc/self/status") as handle:
                 for line in handle:
-                    if line.startswith("VmHWM:"):
+                    if line.startswith(field + ":"):
                         return int(line.split()[1]) / 1024
         except OSError:
             pass
@@ -264,31 +267,42 @@ def main() -> None:
     peak = PeakRss()
     times: dict[str, list[float]] = {name: [] for name in runners}
     peaks: dict[str, float] = {name: 0.0 for name in runners}
+    step_growth: dict[str, float] = {name: 0.0 for name in runners}
     for round_index in range(args.steps + 1):  # round 0 is the warm-up
         for name, run in runners.items():
             peak.reset()
+            resident_before = peak.read_mib("VmRSS")
             start = time.perf_counter()
             run()
             elapsed = time.perf_counter() - start
             peaks[name] = max(peaks[name], peak.read_mib())
+            step_growth[name] = max(step_growth[name], peaks[name] - resident_before)
             if round_index:
                 times[name].append(elapsed)
             print(f"round {round_index} {name}: {elapsed:.3f} s", flush=True)
 
-    reference_flops = flops.get("jax-lax") or next((f for f in flops.values() if f), float("nan"))
+    def reference_flops(name: str) -> float:
+        """XLA's count for the plain-lax twin: the custom kernel gradient is counted differently."""
+        twin = {"jax-conv2d": "jax-lax", "torch": "jax-lax", "unet": "unet-lax", "imsahlo": "imsahlo-lax"}.get(name, name)
+        return flops.get(twin) or flops.get(name) or float("nan")
+
     medians = {name: statistics.median(samples) for name, samples in times.items()}
     baseline = "torch" if "torch" in medians else next(iter(medians))
     print(
         f"\ntrain step {args.batch}x{height}x{width}, {args.steps} steps, median; "
         f"CPU threads: {os.cpu_count()}, torch threads: {args.threads}; "
-        f"peak RSS {'per variant' if peak.resettable else 'of the process'}"
+        f"RSS: process peak {'during the variant' if peak.resettable else 'over the run'}, "
+        f"and its growth over the resident size before the step (the step's temporaries)"
     )
-    print(f"{'variant':13s} {'params':>9s} {'s/step':>8s} {'GFLOP':>8s} {'GFLOP/s':>8s} {'/' + baseline:>10s} {'RSS MiB':>8s}")
+    print(
+        f"{'variant':13s} {'params':>9s} {'s/step':>8s} {'GFLOP':>8s} {'GFLOP/s':>8s} {'/' + baseline:>10s} "
+        f"{'RSS MiB':>8s} {'+step':>7s}"
+    )
     for name, median in medians.items():
-        work = flops[name] if flops[name] and not name.startswith("jax-") else reference_flops
+        work = reference_flops(name)
         print(
             f"{name:13s} {params[name]:9d} {median:8.3f} {work / 1e9:8.1f} {work / median / 1e9:8.1f} "
-            f"{median / medians[baseline]:10.2f} {peaks[name]:8.0f}"
+            f"{median / medians[baseline]:10.2f} {peaks[name]:8.0f} {step_growth[name]:7.0f}"
         )
 
 

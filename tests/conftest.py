@@ -1,9 +1,14 @@
 """Shared test fixtures: the real-data folder beside the repository and a tiny training config."""
 
+import os
 import pathlib
 import sys
 
 import pytest
+
+# Test shapes are tiny, so XLA's compile time dominates every test; without LLVM optimisation it
+# halves while the tiny steps stay fast. Set before JAX starts; subprocesses inherit it.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

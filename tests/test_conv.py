@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -21,6 +22,12 @@ from neuroseg_jax.models import conv
 from neuroseg_jax.models.conv import conv2d
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def matmul_kernel_gradient_for_tiny_maps(monkeypatch):
+    """Tiny test maps would keep XLA's kernel gradient; force the matmul form under test."""
+    monkeypatch.setattr(conv, "MATMUL_KERNEL_GRAD_MIN_BYTES", 0)
 
 
 def plain_conv(x, kernel, strides, padding, dilation, groups):
@@ -62,19 +69,29 @@ CASES = [
 ]
 
 
+def assert_close(got, want, tolerance=2e-5, name=""):
+    """Relative to the largest |want|: gradients sum many products, so entries near 0 carry that error."""
+    np.testing.assert_allclose(got, want, rtol=tolerance, atol=tolerance * float(jnp.max(jnp.abs(want))), err_msg=name)
+
+
 def assert_matches_plain(case, *, transform=lambda f: f, tolerance=2e-5):
     input_shape, kernel_shape, strides, padding, dilation, groups = case
     x, kernel = random_pair(input_shape, kernel_shape)
     ours = loss_of(lambda a, b: conv2d(a, b, strides=strides, padding=padding, dilation=dilation, groups=groups))
     plain = loss_of(lambda a, b: plain_conv(a, b, strides, padding, dilation, groups))
-    expected = jax.grad(plain, (0, 1))(x, kernel)
+    expected = jax.jit(jax.grad(plain, (0, 1)))(x, kernel)
     actual = transform(jax.grad(ours, (0, 1)))(x, kernel)
     for got, want, name in zip(actual, expected, ("inputs", "kernel")):
         assert got.shape == want.shape and got.dtype == want.dtype, name
-        np.testing.assert_allclose(got, want, rtol=tolerance, atol=tolerance * float(jnp.max(jnp.abs(want))), err_msg=name)
+        assert_close(got, want, tolerance, name)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda case: f"{case[0]}-{case[1]}-s{case[2]}-{case[3]}-d{case[4]}-g{case[5]}")
+def case_id(case) -> str:
+    input_shape, kernel_shape, strides, padding, dilation, groups = case
+    return f"{input_shape}-{kernel_shape}-s{strides}-{padding}-d{dilation}-g{groups}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_forward_and_gradients_match_plain_convolution(case):
     input_shape, kernel_shape, strides, padding, dilation, groups = case
     x, kernel = random_pair(input_shape, kernel_shape)
@@ -87,7 +104,7 @@ def test_forward_and_gradients_match_plain_convolution(case):
     assert_matches_plain(case, transform=jax.jit)
 
 
-@pytest.mark.parametrize("case", CASES[:5], ids=str)
+@pytest.mark.parametrize("case", CASES[:5], ids=case_id)
 def test_chunked_kernel_gradient_matches(case, monkeypatch):
     """Tiny chunks force the fori_loop over output rows, including zero-padded last chunks."""
     monkeypatch.setattr(conv, "CHUNK_POSITIONS", 7)
@@ -98,29 +115,38 @@ def test_vmap_over_inputs_and_kernels():
     x, kernel = random_pair((3, 2, 7, 9, 4), (3, 3, 3, 4, 5))
     ours = jax.vmap(jax.grad(loss_of(lambda a, b: conv2d(a, b, padding="SAME")), (0, 1)))
     plain = jax.vmap(jax.grad(loss_of(lambda a, b: plain_conv(a, b, (1, 1), "SAME", (1, 1), 1)), (0, 1)))
-    for got, want in zip(jax.jit(ours)(x, kernel), plain(x, kernel)):
-        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * float(jnp.max(jnp.abs(want))))
+    for got, want in zip(jax.jit(ours)(x, kernel), jax.jit(plain)(x, kernel)):
+        assert_close(got, want)
 
 
 def test_vmap_shared_kernel_with_chunks(monkeypatch):
     monkeypatch.setattr(conv, "CHUNK_POSITIONS", 5)
     x, kernel = random_pair((2, 1, 6, 7, 3), (3, 3, 3, 4))
     ours = jax.vmap(jax.grad(loss_of(lambda a, b: conv2d(a, b)), (0, 1)), in_axes=(0, None))
-    plain = jax.vmap(jax.grad(loss_of(lambda a, b: plain_conv(a, b, (1, 1), "SAME", (1, 1), 1)), (0, 1)), in_axes=(0, None))
-    for got, want in zip(ours(x, kernel), plain(x, kernel)):
-        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * float(jnp.max(jnp.abs(want))))
+    plain = jax.vmap(
+        jax.grad(loss_of(lambda a, b: plain_conv(a, b, (1, 1), "SAME", (1, 1), 1)), (0, 1)), in_axes=(0, None)
+    )
+    for got, want in zip(jax.jit(ours)(x, kernel), jax.jit(plain)(x, kernel)):
+        assert_close(got, want)
 
 
 def test_bfloat16_gradients_keep_dtypes():
     x, kernel = random_pair((1, 6, 6, 4), (3, 3, 4, 4))
     x, kernel = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
-    grads = jax.grad(lambda a, b: jnp.sum(conv2d(a, b).astype(jnp.float32)), (0, 1))(x, kernel)
-    expected = jax.grad(lambda a, b: jnp.sum(plain_conv(a, b, (1, 1), "SAME", (1, 1), 1).astype(jnp.float32)), (0, 1))(
-        x, kernel
-    )
+    grads = jax.jit(jax.grad(lambda a, b: jnp.sum(conv2d(a, b).astype(jnp.float32)), (0, 1)))(x, kernel)
+    expected = jax.jit(
+        jax.grad(lambda a, b: jnp.sum(plain_conv(a, b, (1, 1), "SAME", (1, 1), 1).astype(jnp.float32)), (0, 1))
+    )(x, kernel)
     for got, want in zip(grads, expected):
         assert got.dtype == jnp.bfloat16
         np.testing.assert_allclose(np.float32(got), np.float32(want), rtol=2e-2, atol=0.1)
+
+
+def test_small_maps_keep_xla_kernel_gradient(monkeypatch):
+    monkeypatch.setattr(conv, "MATMUL_KERNEL_GRAD_MIN_BYTES", 4 << 20)
+    assert_matches_plain(CASES[0], transform=jax.jit)
+    monkeypatch.setattr(conv, "_kernel_grad_matmul", None)  # would fail if called
+    assert_matches_plain(CASES[3], transform=jax.jit)
 
 
 def test_native_kernel_gradient_branch_matches():
@@ -128,9 +154,9 @@ def test_native_kernel_gradient_branch_matches():
     x, kernel = random_pair((2, 7, 6, 3), (3, 3, 3, 4))
     grad = jnp.cos(plain_conv(x, kernel, (2, 1), ((1, 1), (0, 2)), (1, 2), 1))
     common = dict(strides=(2, 1), pads=((1, 1), (0, 2)), dilation=(1, 2))
-    native = conv._kernel_grad_native(x, grad, kernel=kernel, **common)
-    matmul = conv._kernel_grad_matmul(x, grad, kernel_shape=kernel.shape, **common)
-    np.testing.assert_allclose(matmul, native, rtol=2e-5, atol=2e-5 * float(jnp.max(jnp.abs(native))))
+    native = jax.jit(partial(conv._kernel_grad_native, kernel=kernel, **common))(x, grad)
+    matmul = jax.jit(partial(conv._kernel_grad_matmul, kernel_shape=kernel.shape, **common))(x, grad)
+    assert_close(matmul, native)
 
 
 @pytest.mark.parametrize(
@@ -176,6 +202,7 @@ SHARDED_SCRIPT = textwrap.dedent(
                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
     ours = lambda a, b: conv2d(a, b, strides=(1, 2), padding="SAME", dilation=(2, 1))
     expected = jax.jit(jax.grad(lambda a, b: loss(plain, a, b), (0, 1)))(x, kernel)
+    conv.MATMUL_KERNEL_GRAD_MIN_BYTES = 0
     for chunk in (conv.CHUNK_POSITIONS, 6):
         conv.CHUNK_POSITIONS = chunk
         got = jax.jit(jax.grad(lambda a, b: loss(ours, a, b), (0, 1)))(x, kernel)
@@ -188,7 +215,7 @@ SHARDED_SCRIPT = textwrap.dedent(
 
 
 def test_sharded_gradients_on_four_cpu_devices():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
     result = subprocess.run(
         [sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True, text=True, timeout=300

@@ -129,17 +129,18 @@ def test_outlier_regularizer_in_jitted_step_respects_start_step():
 
     @jax.jit
     def step(buffers, logits, rng, step):
-        return outliers.outlier_regularizer(buffers, logits, labels, rng, step=step, start_step=1,
-                                            max_per_class=32, num_candidates=256, num_selected=16)
+        def loss(x):
+            return outliers.outlier_regularizer(buffers, x, labels, rng, step=step, start_step=1,
+                                                max_per_class=32, num_candidates=256, num_selected=16)
+        return jax.value_and_grad(loss, has_aux=True)(logits)
 
-    loss0, buffers = step(buffers, logits, jax.random.PRNGKey(0), 0)
-    assert float(loss0) == 0.0
+    (loss0, buffers), grad0 = step(buffers, logits, jax.random.PRNGKey(0), 0)
+    assert float(loss0) == 0.0 and float(jnp.abs(grad0).sum()) == 0.0
     np.testing.assert_array_equal(buffers.count, [32, 32])
-    loss1, buffers = step(buffers, logits, jax.random.PRNGKey(1), 1)
+    (loss1, buffers), grad1 = step(buffers, logits, jax.random.PRNGKey(1), 1)
     assert float(loss1) > 0 and np.isfinite(float(loss1))
+    assert np.all(np.isfinite(np.asarray(grad1))) and float(jnp.abs(grad1).sum()) > 0
     np.testing.assert_array_equal(buffers.count, [64, 64])
-    grad = jax.grad(lambda x: step(buffers, x, jax.random.PRNGKey(2), 5)[0])(logits)
-    assert np.all(np.isfinite(np.asarray(grad)))
 
 
 SHARDING_SCRIPT = textwrap.dedent("""
@@ -165,7 +166,7 @@ SHARDING_SCRIPT = textwrap.dedent("""
 
 
 def test_buffers_agree_under_8_device_sharding():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     repo = Path(__file__).resolve().parents[1]
     result = subprocess.run([sys.executable, "-c", SHARDING_SCRIPT], env=env, cwd=repo, capture_output=True,
                             text=True, timeout=240)
@@ -231,3 +232,22 @@ def test_balance_norm_pareto_and_value_and_grad():
     total, used = weighting.pareto(values, {"first": g1, "second": g2}, normalize="l2")
     combined = used["first"] * g1 + used["second"] * g2
     assert float(jnp.dot(combined, g1)) >= -1e-6 and float(jnp.dot(combined, g2)) >= -1e-6
+
+
+def test_pareto_through_hybrid_terms_with_skeleton():
+    """MGDA over real loss terms (jacrev through the custom-gradient soft skeleton), as a train step does."""
+    from neuroseg_jax import losses
+
+    labels = jnp.zeros((1, 16, 16), jnp.int32).at[0, 4:12, 6:9].set(1)
+    base = jax.random.normal(jax.random.PRNGKey(0), (1, 16, 16, 1))
+
+    def terms_fn(params):
+        logits = params["scale"] * base + params["shift"]
+        _, terms = losses.hybrid_loss(logits, labels, weights={"tversky": 1.0, "cldice": 1.0},
+                                      params={"cldice": {"iterations": 3}})
+        return terms
+
+    params = {"scale": jnp.float32(0.5), "shift": jnp.float32(-0.3)}
+    (total, terms, weights), grads = jax.jit(weighting.pareto_value_and_grad(terms_fn))(params)
+    assert np.isfinite(float(total)) and abs(float(sum(weights.values())) - 1) < 1e-5
+    assert all(np.isfinite(float(g)) for g in jax.tree_util.tree_leaves(grads))

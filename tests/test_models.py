@@ -47,14 +47,14 @@ def tiny_kwargs(name: str) -> dict:
     return dict(width=4, depth=1)
 
 
-def random_params(model: nn.Module, images: jax.Array, seed: int = 0):
+def random_params(model: nn.Module, *inputs: jax.Array, seed: int = 0):
     """Parameters with the shapes of `model.init`, drawn with numpy.
 
     Compiling flax's initialisers (one threefry graph per parameter) costs tens of seconds on a
     loaded 2-core CPU, so the per-model tests take shapes from `jax.eval_shape(model.init)` and fill
     kernels with N(0, 1 / fan_in), norm scales with 1 and biases with small noise.
     """
-    shapes = jax.eval_shape(model.init, jax.random.key(0), images)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), *inputs)
     rng = np.random.default_rng(seed)
 
     def fill(path, leaf):
@@ -124,79 +124,91 @@ def test_model_forward_shapes_and_gradients(name):
 
 
 def test_batch_norm_keeps_explicit_statistics():
-    model = create_model("resunet", width=4, norm="batch")
+    model = create_model("resunet", width=4, depth=1, norm="batch")
     images = jax.random.uniform(jax.random.key(0), (2, 32, 32, 1))
     variables = random_params(model, images)
     assert "batch_stats" in variables
-    _, updates = model.apply(variables, images, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(2)})
+    train_apply = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(2)}))
+    _, updates = train_apply(variables, images)
     before = jax.tree.leaves(variables["batch_stats"])
     after = jax.tree.leaves(updates["batch_stats"])
     assert any(not np.allclose(b, a) for b, a in zip(before, after))
-    assert model.apply({**variables, **updates}, images).shape == (2, 32, 32, 1)
+    assert jax.jit(model.apply)({**variables, **updates}, images).shape == (2, 32, 32, 1)
 
 
 def test_unetpp_deep_supervision_sows_every_head():
-    model = create_model("unetpp", width=2, deep_supervision=True)
+    model = create_model("unetpp", width=2, depth=2, deep_supervision=True)
     images = jnp.ones((1, 32, 32, 1))
     variables = random_params(model, images)
-    logits, state = model.apply(variables, images, mutable=["intermediates"])
+    logits, state = jax.jit(lambda v, x: model.apply(v, x, mutable=["intermediates"]))(variables, images)
     (heads,) = state["intermediates"]["deep_supervision_logits"]
-    assert len(heads) == 4
+    assert len(heads) == 2
     np.testing.assert_allclose(logits, jnp.mean(jnp.stack(heads), axis=0), rtol=1e-6)
 
 
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        dict(kernel_size=(3, 3)),
-        dict(kernel_size=(3, 1), strides=2, padding=1),
-        dict(kernel_size=(3, 3), kernel_dilation=2, feature_group_count=2),
-        dict(kernel_size=(2, 2), padding="VALID", use_bias=False),
-        dict(kernel_size=(4, 4), strides=4, padding="VALID"),  # patch-embedding path
-    ],
-)
-def test_conv_matches_flax_conv(kwargs):
+CONV_CASES = [
+    dict(kernel_size=(3, 3)),
+    dict(kernel_size=(3, 1), strides=2, padding=1),
+    dict(kernel_size=(3, 3), kernel_dilation=2, feature_group_count=2),
+    dict(kernel_size=(2, 2), padding="VALID", use_bias=False),
+    dict(kernel_size=(4, 4), strides=4, padding="VALID"),  # patch-embedding path
+]
+
+
+def test_conv_matches_flax_conv():
     x = jax.random.normal(jax.random.key(0), (2, 9, 8, 4))
-    ours = layers.Conv(6, **kwargs)
-    params = ours.init(jax.random.key(1), x)
-    assert set(params["params"]) == ({"kernel", "bias"} if kwargs.get("use_bias", True) else {"kernel"})
-    reference = nn.Conv(6, **kwargs)
-    np.testing.assert_allclose(ours.apply(params, x), reference.apply(params, x), rtol=1e-5, atol=1e-5)
+    for kwargs in CONV_CASES:
+        ours = layers.Conv(6, **kwargs)
+        params = random_params(ours, x)
+        assert set(params["params"]) == ({"kernel", "bias"} if kwargs.get("use_bias", True) else {"kernel"})
+        reference = nn.Conv(6, **kwargs)
+        np.testing.assert_allclose(
+            ours.apply(params, x), reference.apply(params, x), rtol=1e-5, atol=1e-5, err_msg=str(kwargs)
+        )
 
 
 def test_weight_standardised_conv_ignores_kernel_scale():
     x = jax.random.normal(jax.random.key(0), (1, 8, 8, 3))
     conv = layers.WSConv(5, 3, use_bias=False)
-    params = conv.init(jax.random.key(1), x)
+    params = random_params(conv, x)
     scaled = jax.tree.map(lambda p: 7.0 * p + 0.5, params)
     # Equal up to the 1e-5 variance epsilon, whose relative weight changes with the scale.
     np.testing.assert_allclose(conv.apply(params, x), conv.apply(scaled, x), rtol=2e-3, atol=2e-3)
 
 
+def test_upsample2x_equals_bilinear_resize():
+    x = jax.random.normal(jax.random.key(0), (2, 5, 7, 3))
+    np.testing.assert_allclose(layers.upsample2x(x), layers.resize_to(x, (10, 14)), atol=1e-5)
+
+
 def test_blocks_shapes_and_semantics():
     x = jax.random.uniform(jax.random.key(0), (2, 16, 16, 8))
-    key = jax.random.key(1)
-
-    msdb = layers.MultiScaleDenseBlock(6)
-    assert msdb.apply(msdb.init(key, x), x).shape == (2, 16, 16, 6)
-
-    attention = layers.HierarchicalAttention(reduction=2)
-    attended = attention.apply(attention.init(key, x), x)
-    assert attended.shape == x.shape
-    # Scores are sigmoids applied multiplicatively, so |out| <= |x| elementwise (x >= 0 here).
-    assert bool(jnp.all(attended <= x + 1e-6)) and bool(jnp.all(attended >= 0))
-
-    gate = layers.AttentionGate(4)
     coarse = jnp.ones((2, 8, 8, 12))
-    gated = gate.apply(gate.init(key, x, coarse), x, coarse)
-    assert gated.shape == x.shape
+    blocks = {
+        "msdb": (layers.MultiScaleDenseBlock(6), (x,)),
+        "attention": (layers.HierarchicalAttention(reduction=2), (x,)),
+        "gate": (layers.AttentionGate(4), (x, coarse)),
+        "aspp": (layers.ASPP(5, rates=(1, 2)), (x,)),
+        "se": (layers.SqueezeExcite(reduction=2), (x,)),
+        "residual": (layers.ResidualBlock(6, strides=2, se=True), (x,)),
+    }
+    params = {name: random_params(block, *args) for name, (block, args) in blocks.items()}
 
-    aspp = layers.ASPP(5, rates=(1, 2))
-    assert aspp.apply(aspp.init(key, x), x).shape == (2, 16, 16, 5)
+    @jax.jit
+    def run_all(params):
+        return {name: block.apply(params[name], *args) for name, (block, args) in blocks.items()}
 
-    se = layers.SqueezeExcite(reduction=2)
-    assert se.apply(se.init(key, x), x).shape == x.shape
+    out = run_all(params)
+    assert out["msdb"].shape == (2, 16, 16, 6)
+    assert out["attention"].shape == x.shape
+    # Scores are sigmoids applied multiplicatively, so 0 <= out <= x for x >= 0.
+    assert bool(jnp.all(out["attention"] <= x + 1e-6)) and bool(jnp.all(out["attention"] >= 0))
+    assert out["gate"].shape == x.shape
+    assert out["aspp"].shape == (2, 16, 16, 5)
+    assert out["se"].shape == x.shape
+    assert out["residual"].shape == (2, 8, 8, 6)
 
+    key = jax.random.key(1)
     dropped = layers.SpatialDropout(0.5).apply({}, jnp.ones((4, 6, 6, 16)), train=True, rngs={"dropout": key})
     per_channel = dropped.reshape(4, 36, 16)
     # Whole channels are dropped: each (sample, channel) column is constant (0 or 1 / keep rate).
@@ -254,7 +266,7 @@ def _checkpoint_from(params: dict, grid_side: int, seed: int = 0) -> dict[str, n
 
 
 def test_load_pretrained_npz_round_trip(tmp_path):
-    model = create_model("transunet", width=4, **TINY_TRANSFORMER)
+    model = create_model("transunet", width=4, resnet_units=(1, 2, 1), **TINY_TRANSFORMER)
     images = jnp.ones((1, 32, 32, 3))
     params = random_params(model, images)["params"]
     checkpoint = _checkpoint_from(params, grid_side=4)
@@ -272,7 +284,7 @@ def test_load_pretrained_npz_round_trip(tmp_path):
     # 4x4 grid + class token resized to the model's 2x2 grid (32 / 16).
     assert flat_loaded["Transformer/posembed_input/pos_embedding"].shape == (1, 2, 2, 16)
     np.testing.assert_array_equal(flat_loaded["conv_more/Conv_0/kernel"], params["conv_more"]["Conv_0"]["kernel"])
-    assert model.apply({"params": loaded}, images).shape == (1, 32, 32, 1)
+    assert jax.jit(model.apply)({"params": loaded}, images).shape == (1, 32, 32, 1)
 
     del checkpoint["block1/unit1/gn1/bias"]
     with pytest.raises(KeyError, match="block1/unit1/gn1/bias"):

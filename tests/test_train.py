@@ -167,12 +167,12 @@ def test_plateau_and_early_stopping_on_a_scripted_sequence():
 
 SHARDED_SCRIPT = textwrap.dedent("""
     import os, sys, json
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
     import jax, numpy as np
     from conftest import tiny_train_config
-    from neuroseg_jax import data, models
-    from neuroseg_jax.train import loop, sharding, state as state_lib, step as step_lib, optim
+    from neuroseg_jax import data
+    from neuroseg_jax.train import loop, sharding
 
     def run(devices, mesh_shape):
         # SGD: updates are linear in the gradient, so summation order cannot flip an update's sign
@@ -181,32 +181,27 @@ SHARDED_SCRIPT = textwrap.dedent("""
             "train.batch_size": 8, "optim.name": "sgd", "optim.lr": 0.1, "loss.params.cldice.iterations": 3,
             "outliers.enabled": True, "outliers.start_step": 1, "outliers.buffer_size": 32,
             "outliers.max_per_class": 8, "outliers.num_candidates": 500, "outliers.num_selected": 50}})
-        init_outliers, outlier_fn = loop.make_outlier_fns(config, 1)
-        mesh = sharding.make_mesh({{"data": mesh_shape[0], "model": mesh_shape[1]}}, devices)
-        model = loop.build_model(config.model)
-        tx = optim.make_optimizer(config.optim, 10)
-        loss_fn = loop.make_loss_fn(config.loss)
-        st, shardings = state_lib.create_train_state(model, tx, jax.random.key(0), (1, 32, 32, 1), mesh,
-                                                     models.sharding_rules(config.model.name), init_outliers)
-        train_step, _ = step_lib.make_step_fns(loss_fn, mesh, shardings, loss_weights=loop.loss_weights(config),
-                                               outlier_fn=outlier_fn)
+        config.mesh.data, config.mesh.model = mesh_shape
+        trainer = loop.build_trainer(config, devices)
+        st, mesh = trainer.state, trainer.mesh
         loader = iter(data.make_loader(config.data, "train", batch_size=8, seed=0))
         losses = []
         for _ in range(2):
-            st, metrics = train_step(st, sharding.global_batch(next(loader), mesh), jax.random.key(1))
+            st, metrics = trainer.train_step(st, sharding.global_batch(next(loader), mesh), jax.random.key(1))
             losses.append(float(metrics["loss"]))
         assert int(st.outliers.count.min()) > 0 and "loss/uncertainty" in metrics
         return losses, jax.device_get((st.params, st.outliers))
 
     single = run(jax.devices()[:1], (1, 1))
-    eight = run(jax.devices(), (8, 1))
-    np.testing.assert_allclose(single[0], eight[0], rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), single[1], eight[1])
-    print("SHARDED_OK", single[0], eight[0])
+    for shape in [(8, 1), (4, 2)]:
+        sharded = run(jax.devices(), shape)
+        np.testing.assert_allclose(single[0], sharded[0], rtol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), single[1], sharded[1])
+    print("SHARDED_OK", single[0], sharded[0])
 """)
 
 
-def test_eight_fake_devices_match_one_device():
+def test_meshes_of_eight_fake_devices_match_one_device():
     script = SHARDED_SCRIPT.format(repo=str(REPO), tests=str(REPO / "tests"))
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert "SHARDED_OK" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]
@@ -218,8 +213,9 @@ def test_two_processes_on_loopback_train_and_write_one_checkpoint(tmp_path):
         port = probe.getsockname()[1]
     overrides = ["--config.data.synthetic.num_images=12", "--config.data.synthetic.image_size=(64, 64)",
                  "--config.data.crop_size=(32, 32)", "--config.model.width=4", "--config.train.batch_size=4",
-                 "--config.train.num_steps=3", "--config.train.eval_every=3", "--config.train.num_preview=1"]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+                 "--config.train.num_steps=3", "--config.train.eval_every=3", "--config.train.num_preview=1",
+                 "--config.train.log_every=1"]
+    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=1")
     procs = [subprocess.Popen(
         [sys.executable, str(REPO / "launch" / "train.py"), "--config=configs/imsahlo.py:quick,model=unet,loss=dice+bce",
          f"--workdir={tmp_path}", "--multihost", f"--coordinator=127.0.0.1:{port}", "--num_processes=2",

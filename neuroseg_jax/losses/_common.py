@@ -8,12 +8,9 @@ would otherwise lose the small differences that Dice-type ratios are made of).
 
 from __future__ import annotations
 
-from typing import Literal
-
 import jax
 import jax.numpy as jnp
 
-Reduction = Literal["mean", "none", "global"]
 REDUCTIONS = ("mean", "none", "global")
 
 

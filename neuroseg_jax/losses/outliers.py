@@ -15,9 +15,11 @@ What is implemented (the paper's method):
 4. The uncertainty-enhanced output f_out (:func:`synthesize_output`): the outliers of class k are placed
    at randomly chosen valid pixels whose ground truth is k (the pixels "they were sampled for"), at most
    one outlier per pixel. ``placement='replace'`` puts the outlier vector in place of the pixel's logits
-   (the paper's reading); ``placement='shift'`` adds the offset v - mu_k to the pixel's logits, which
-   keeps the gradient through those pixels. Embeddings of another width than K need ``head_fn`` mapping
-   (..., D) -> (..., K) logits.
+   (the paper's reading; those pixels then pass no gradient to the model, which learns from the other
+   pixels' CE and from the Dice ratio that now includes the outliers); ``placement='shift'`` adds the
+   offset v - mu_k to the pixel's logits, which keeps the gradient through those pixels (the model must
+   stay right even when pushed to the edge of its class distribution). Embeddings must be per pixel at
+   label resolution; embeddings of another width than K need ``head_fn`` mapping (..., D) -> (..., K).
 5. L_uncertainty = beta1 * CE(f_out, y) + beta2 * Dice(f_out, y) (eqs. 13-15): :func:`uncertainty_loss`.
    Also the original VOS energy regulariser (:func:`vos_energy_loss`): a logistic regression on the
    negative free energy separating inlier pixels (label 1) from outliers (label 0).

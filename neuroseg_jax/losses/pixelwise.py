@@ -10,6 +10,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from neuroseg_jax.losses._common import (check_inputs, check_reduction, class_indices, reduce_pixels,
                                          valid_weights)
@@ -75,7 +76,7 @@ def focal_loss(logits: jax.Array, labels: jax.Array, *, alpha: float | Sequence[
     per_pixel = -jnp.exp(gamma * log_one_minus_pt) * log_pt
     if alpha is not None:
         target = class_indices(labels, num_classes)
-        if isinstance(alpha, (int, float)):
+        if np.ndim(alpha) == 0:
             alpha_t = jnp.where(target >= 1, alpha, 1.0 - alpha)
         else:
             class_alpha = jnp.asarray(alpha, jnp.float32)

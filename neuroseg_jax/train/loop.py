@@ -1,5 +1,6 @@
 """``train_and_evaluate(config, workdir)``: the whole training run, callable from a Colab."""
 
+import dataclasses
 import functools
 import json
 import math
@@ -10,7 +11,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from tqdm import tqdm
@@ -166,6 +166,40 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(-1, keepdims=True)
 
 
+@dataclasses.dataclass
+class Trainer:
+    """Everything a run needs before its first step: a sharded state and jitted steps."""
+    mesh: Any
+    state: TrainState
+    state_shardings: Any
+    train_step: Any  # (state, global batch, rng) -> (state, metrics); state donated
+    eval_step: Any  # (state, global batch with 'weight') -> sums
+    step_rng: jax.Array
+    steps_per_epoch: int
+    total_steps: int
+
+
+def build_trainer(config: ml_collections.ConfigDict, devices=None) -> Trainer:
+    """Model, optimizer, losses, outlier buffers and the sharded state for ``config`` on a mesh
+    over ``devices`` (default: all)."""
+    mesh = sharding_lib.make_mesh(config.mesh, devices)
+    num_train = len(data_lib.build_dataset(config.data, "train"))
+    steps_per_epoch = max(num_train // int(config.train.batch_size), 1)
+    total_steps = int(config.train.num_steps or config.train.num_epochs * steps_per_epoch)
+    tx = make_optimizer(config.optim, total_steps)
+    init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
+    crop_h, crop_w = config.data.crop_size
+    init_outliers, outlier_fn = make_outlier_fns(config, steps_per_epoch)
+    state, state_shardings = create_train_state(
+        build_model(config.model), tx, init_rng, (1, crop_h, crop_w, config.data.channels), mesh,
+        models.sharding_rules(config.model.name), init_outliers=init_outliers)
+    train_step, eval_step = make_step_fns(make_loss_fn(config.loss), mesh, state_shardings,
+                                          loss_weights=loss_weights(config), weighting=config.loss.weighting,
+                                          outlier_fn=outlier_fn)
+    return Trainer(mesh=mesh, state=state, state_shardings=state_shardings, train_step=train_step,
+                   eval_step=eval_step, step_rng=step_rng, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
     """Train ``config`` in ``workdir`` (resuming from its latest checkpoint if there is one).
 
@@ -179,29 +213,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         (workdir / "plots").mkdir(parents=True, exist_ok=True)
         _write_snapshot(config, workdir)
 
-    mesh = sharding_lib.make_mesh(config.mesh)
+    trainer = build_trainer(config)
+    mesh, state, state_shardings = trainer.mesh, trainer.state, trainer.state_shardings
+    train_step, eval_step, total_steps = trainer.train_step, trainer.eval_step, trainer.total_steps
     global_batch = int(config.train.batch_size)
     local_batch = global_batch // jax.process_count()
     eval_batch = int(config.train.eval_batch_size or global_batch) // jax.process_count()
-
-    num_train = len(data_lib.build_dataset(config.data, "train"))
-    steps_per_epoch = max(num_train // global_batch, 1)
-    total_steps = int(config.train.num_steps or config.train.num_epochs * steps_per_epoch)
-    eval_every = int(config.train.eval_every or steps_per_epoch)
+    eval_every = int(config.train.eval_every or trainer.steps_per_epoch)
     checkpoint_every = int(config.train.checkpoint_every or eval_every)
-
-    model = build_model(config.model)
-    tx = make_optimizer(config.optim, total_steps)
-    loss_fn = make_loss_fn(config.loss)
-    rng = jax.random.key(config.seed)
-    init_rng, step_rng = jax.random.split(rng)
-    crop_h, crop_w = config.data.crop_size
-    init_outliers, outlier_fn = make_outlier_fns(config, steps_per_epoch)
-    state, state_shardings = create_train_state(
-        model, tx, init_rng, (1, crop_h, crop_w, config.data.channels), mesh,
-        models.sharding_rules(config.model.name), init_outliers=init_outliers)
-    train_step, eval_step = make_step_fns(loss_fn, mesh, state_shardings, loss_weights=loss_weights(config),
-                                          weighting=config.loss.weighting, outlier_fn=outlier_fn)
+    step_rng = trainer.step_rng
 
     train_iter = iter(data_lib.make_loader(config.data, "train", batch_size=local_batch, seed=config.seed,
                                            process_index=jax.process_index(),
@@ -264,8 +284,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                                          threshold=plateau_config.threshold,
                                          early_stop_patience=config.train.early_stop.patience)
                 improved = plateau.evals_since_best == 0
-                state = state.replace(lr_scale=jax.device_put(jnp.float32(plateau.lr_scale),
-                                                              state_shardings.lr_scale))
+                # Built from the host value on every process: a device_put of a local array
+                # would not form a valid global array across hosts.
+                state = state.replace(lr_scale=jax.make_array_from_callback(
+                    (), state_shardings.lr_scale, lambda _: np.float32(plateau.lr_scale)))
                 writer.write(step, "val", {**last_val, "lr_scale": plateau.lr_scale})
                 progress.write(f"step {step}: " + ", ".join(f"val_{k}={v:.4f}" for k, v in last_val.items()))
                 if improved:

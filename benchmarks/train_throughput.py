@@ -1,0 +1,85 @@
+"""Training throughput per config at its full input size: images/s, peak memory, FLOP rate.
+
+    python benchmarks/train_throughput.py                       # imsahlo and morphoseg, batch 2, 3 steps
+    python benchmarks/train_throughput.py --configs=imsahlo:model=unet,imsahlo --batch_size=4 --steps=5
+
+Each row: median seconds per step over ``--steps`` timed steps after one warm-up (compile) step,
+images/s, XLA's FLOP count of the step and the achieved GFLOP/s, model FLOP utilisation against
+``--peak_tflops`` when given (e.g. 989 for an H100's dense bf16), and the process's peak RSS (host)
+or the device's peak bytes in use (GPU), both since the process started. The first row is the reference for the ratio column.
+"""
+
+import importlib
+import pathlib
+import resource
+import statistics
+import sys
+import time
+
+import jax
+from absl import app, flags
+
+from neuroseg_jax import data
+from neuroseg_jax.train import loop, sharding
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs/ is not in the package
+
+_CONFIGS = flags.DEFINE_list("configs", ["imsahlo", "morphoseg:data=synthetic"],
+                             "configs/NAME.py arguments, 'NAME:ARGS' each.")
+_BATCH = flags.DEFINE_integer("batch_size", 2, "Global batch size (the papers use 16 and 24; CPUs cannot).")
+_STEPS = flags.DEFINE_integer("steps", 3, "Timed steps after the warm-up step.")
+_PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Device peak TFLOP/s for model FLOP utilisation (0: skip).")
+
+
+def _peak_memory_mib() -> float:
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return stats["peak_bytes_in_use"] / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(spec: str) -> dict:
+    name, _, arg = spec.partition(":")
+    config = importlib.import_module(f"configs.{name}").get_config(arg or None)
+    config.train.batch_size = _BATCH.value
+    config.data.synthetic.num_images = max(4 * _BATCH.value, 8)
+    config.data.synthetic.image_size = tuple(config.data.crop_size)
+    config.data.patches.enabled = False
+    trainer = loop.build_trainer(config)
+    batches = iter(data.make_loader(config.data, "train", batch_size=_BATCH.value, seed=0))
+    batch = sharding.global_batch(next(batches), trainer.mesh)
+    compiled = trainer.train_step.lower(trainer.state, batch, trainer.step_rng).compile()
+    flops = (compiled.cost_analysis() or {}).get("flops", float("nan"))
+    state, metrics = trainer.train_step(trainer.state, batch, trainer.step_rng)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(_STEPS.value):
+        batch = sharding.global_batch(next(batches), trainer.mesh)
+        start = time.perf_counter()
+        state, metrics = trainer.train_step(state, batch, trainer.step_rng)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    return {"config": spec, "size": "x".join(map(str, config.data.crop_size)), "s_per_step": seconds,
+            "images_per_s": _BATCH.value / seconds, "gflop_per_step": flops / 1e9,
+            "gflop_per_s": flops / 1e9 / seconds,
+            "mfu": flops / seconds / (_PEAK.value * 1e12) if _PEAK.value else float("nan"),
+            "peak_mib": _peak_memory_mib()}
+
+
+def main(argv):
+    del argv
+    rows = [measure(spec) for spec in _CONFIGS.value]
+    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, batch {_BATCH.value}, "
+          f"median of {_STEPS.value} steps")
+    header = f"{'config':34} {'size':>9} {'s/step':>8} {'img/s':>7} {'GFLOP/step':>11} {'GFLOP/s':>8} " \
+             f"{'MFU':>6} {'peak MiB':>9} {'vs first':>8}"
+    print(header)
+    for row in rows:
+        print(f"{row['config']:34} {row['size']:>9} {row['s_per_step']:8.3f} {row['images_per_s']:7.2f} "
+              f"{row['gflop_per_step']:11.1f} {row['gflop_per_s']:8.1f} {row['mfu']:6.3f} {row['peak_mib']:9.0f} "
+              f"{row['s_per_step'] / rows[0]['s_per_step']:8.2f}")
+
+
+if __name__ == "__main__":
+    app.run(main)
