@@ -92,7 +92,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "eval_batch_size": 0,  # 0 = batch_size
         "num_preview": 4,
     })
-    config.mesh = ml_collections.ConfigDict({"data": -1, "model": 1})
+    config.mesh = ml_collections.ConfigDict({"data": -1, "model": 1, "fsdp": False, "fsdp_min_size": 2**16})
     config.inference = ml_collections.ConfigDict({
         "window": (512, 768), "overlap": 0.25, "batch_size": 4, "blend": "gaussian", "tta": False,
         "postprocess": True,

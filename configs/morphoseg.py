@@ -81,7 +81,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "eval_batch_size": 0,
         "num_preview": 4,
     })
-    config.mesh = ml_collections.ConfigDict({"data": -1, "model": 1})
+    config.mesh = ml_collections.ConfigDict({"data": -1, "model": 1, "fsdp": False, "fsdp_min_size": 2**16})
     config.inference = ml_collections.ConfigDict({
         "window": (224, 224), "overlap": 56, "batch_size": 16, "blend": "constant", "tta": False,
         "postprocess": False,

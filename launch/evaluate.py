@@ -7,7 +7,7 @@ per_image.csv and table.md.
 
 import json
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from neuroseg_jax.train.predictor import evaluate_run
@@ -23,6 +23,7 @@ _TTA = flags.DEFINE_integer("tta", 5, "Test-time augmentations for the TTA rows 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.ERROR)  # orbax warns about every read-only checkpoint it opens
     results = evaluate_run(_WORKDIR.value, checkpoint=_CHECKPOINT.value, split=_SPLIT.value, config=_CONFIG.value,
                            output_dir=_OUTPUT.value, tta_n=_TTA.value)
     print(json.dumps(results, indent=2, default=str))

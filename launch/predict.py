@@ -7,7 +7,7 @@ CSVs. A file that cannot be read is reported and skipped; the others are still p
 
 import json
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from neuroseg_jax.train.predictor import predict_run
 
@@ -21,6 +21,7 @@ _TTA = flags.DEFINE_integer("tta", 0, "Test-time augmentations (IMSAHLO: 5; <= 1
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.ERROR)  # orbax warns about every read-only checkpoint it opens
     summary = predict_run(_WORKDIR.value, _INPUT.value, _OUTPUT.value, checkpoint=_CHECKPOINT.value,
                           tta_n=_TTA.value)
     print(json.dumps({"processed": len(summary["processed"]), "failed": summary["failed"],

@@ -174,14 +174,9 @@ SHARDED_SCRIPT = textwrap.dedent("""
     from neuroseg_jax import data
     from neuroseg_jax.train import loop, sharding
 
-    def run(devices, mesh_shape):
-        # SGD: updates are linear in the gradient, so summation order cannot flip an update's sign
-        # the way Adam's first normalised step can; equality is then meaningful to float tolerance.
-        config = tiny_train_config(loss="tversky+boundary+focal+cldice", **{{
-            "train.batch_size": 8, "optim.name": "sgd", "optim.lr": 0.1, "loss.params.cldice.iterations": 3,
-            "outliers.enabled": True, "outliers.start_step": 1, "outliers.buffer_size": 32,
-            "outliers.max_per_class": 8, "outliers.num_candidates": 500, "outliers.num_selected": 50}})
+    def run(config, devices, mesh_shape, fsdp=False):
         config.mesh.data, config.mesh.model = mesh_shape
+        config.mesh.fsdp, config.mesh.fsdp_min_size = fsdp, 64
         trainer = loop.build_trainer(config, devices)
         st, mesh = trainer.state, trainer.mesh
         loader = iter(data.make_loader(config.data, "train", batch_size=8, seed=0))
@@ -192,12 +187,28 @@ SHARDED_SCRIPT = textwrap.dedent("""
         assert int(st.outliers.count.min()) > 0 and "loss/uncertainty" in metrics
         return losses, jax.device_get((st.params, st.outliers))
 
-    single = run(jax.devices()[:1], (1, 1))
-    for shape in [(8, 1), (4, 2)]:
-        sharded = run(jax.devices(), shape)
-        np.testing.assert_allclose(single[0], sharded[0], rtol=1e-5)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), single[1], sharded[1])
-    print("SHARDED_OK", single[0], sharded[0])
+    def check(config, runs):
+        single = run(config, jax.devices()[:1], (1, 1))
+        for shape, fsdp in runs:
+            sharded = run(config, jax.devices(), shape, fsdp)
+            np.testing.assert_allclose(single[0], sharded[0], rtol=1e-5)
+            jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), single[1], sharded[1])
+        return single[0]
+
+    # SGD: updates are linear in the gradient, so summation order cannot flip an update's sign
+    # the way Adam's first normalised step can; equality is then meaningful to float tolerance.
+    unet = tiny_train_config(loss="tversky+boundary+focal+cldice", **{{
+        "train.batch_size": 8, "optim.name": "sgd", "optim.lr": 0.1, "loss.params.cldice.iterations": 3,
+        "outliers.enabled": True, "outliers.start_step": 1, "outliers.buffer_size": 32,
+        "outliers.max_per_class": 8, "outliers.num_candidates": 500, "outliers.num_selected": 50}})
+    unet_losses = check(unet, [((8, 1), False), ((8, 1), True), ((4, 2), False)])
+    from configs import morphoseg
+    transunet = morphoseg.get_config("quick")  # attention and MLP weights split over 'model'
+    transunet.train.batch_size = 8
+    transunet.model.dropout_rate = 0.0
+    transunet.outliers.start_step = 1
+    transunet_losses = check(transunet, [((4, 2), False)])
+    print("SHARDED_OK", unet_losses, transunet_losses)
 """)
 
 

@@ -192,7 +192,8 @@ def build_trainer(config: ml_collections.ConfigDict, devices=None) -> Trainer:
     init_outliers, outlier_fn = make_outlier_fns(config, steps_per_epoch)
     state, state_shardings = create_train_state(
         build_model(config.model), tx, init_rng, (1, crop_h, crop_w, config.data.channels), mesh,
-        models.sharding_rules(config.model.name), init_outliers=init_outliers)
+        models.sharding_rules(config.model.name), init_outliers=init_outliers,
+        fsdp=config.mesh.fsdp, fsdp_min_size=config.mesh.fsdp_min_size)
     train_step, eval_step = make_step_fns(make_loss_fn(config.loss), mesh, state_shardings,
                                           loss_weights=loss_weights(config), weighting=config.loss.weighting,
                                           outlier_fn=outlier_fn)

@@ -1,15 +1,17 @@
 """Device mesh, shardings and host-local -> global batches.
 
 The batch is split over the mesh axis ``data``; parameters follow per-model regex rules
-(``models.sharding_rules``) over the ``model`` axis and are replicated otherwise.
+(``models.sharding_rules``) over the ``model`` axis and are replicated otherwise, or split over
+``data`` too with ``config.mesh.fsdp``.
 """
 
-import re
 from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from neuroseg_jax.models import partition_specs
 
 DATA_AXIS = "data"
 MODEL_AXIS = "model"
@@ -49,31 +51,15 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def _path_name(path: tuple) -> str:
-    return "/".join(str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path)
-
-
-def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, P]] = ()) -> Any:
-    """NamedShardings for every leaf of ``tree``: the first regex in ``rules`` that matches the
-    leaf's '/'-joined path wins; unmatched leaves are replicated. A rule whose spec does not
-    divide the leaf's shape on this mesh is an error, not a silent replication."""
-    compiled = [(re.compile(pattern), spec) for pattern, spec in rules]
-
-    def leaf_sharding(path, leaf):
-        name = _path_name(path)
-        for pattern, spec in compiled:
-            if pattern.search(name):
-                shape = getattr(leaf, "shape", ())
-                if len(spec) > len(shape):
-                    continue
-                for dim, axis in zip(shape, spec):
-                    if axis is not None and dim % mesh.shape[axis]:
-                        raise ValueError(f"sharding rule {pattern.pattern!r} -> {spec} does not divide "
-                                         f"{name} of shape {shape} on mesh {dict(mesh.shape)}")
-                return NamedSharding(mesh, spec)
-        return NamedSharding(mesh, P())
-
-    return jax.tree_util.tree_map_with_path(leaf_sharding, tree)
+def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, P]] = (), *, fsdp: bool = False,
+                   fsdp_min_size: int = 2**16) -> Any:
+    """NamedShardings for every leaf of ``tree`` from ``models.partition_specs``: the first regex
+    in ``rules`` matching the leaf's path wins, unmatched leaves are replicated or, with ``fsdp``,
+    those of at least ``fsdp_min_size`` elements are split over ``data`` (fully sharded data
+    parallelism)."""
+    specs = partition_specs(tree, rules, axis_sizes=dict(mesh.shape), fsdp_axis=DATA_AXIS if fsdp else None,
+                            fsdp_min_size=fsdp_min_size)
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, P))
 
 
 def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

@@ -57,7 +57,8 @@ def _init_state(model: flax.linen.Module, tx: optax.GradientTransformation, rng:
 
 def create_train_state(model: flax.linen.Module, tx: optax.GradientTransformation, rng: jax.Array,
                        input_shape: tuple[int, ...], mesh: Mesh, param_rules=(),
-                       init_outliers: Callable[[], Any] | None = None) -> tuple[TrainState, Any]:
+                       init_outliers: Callable[[], Any] | None = None, fsdp: bool = False,
+                       fsdp_min_size: int = 2**16) -> tuple[TrainState, Any]:
     """Initialise directly into its shardings (no full copy on one device first).
 
     Returns the state and its sharding pytree (for ``jax.jit`` in/out shardings). Optimizer
@@ -66,7 +67,7 @@ def create_train_state(model: flax.linen.Module, tx: optax.GradientTransformatio
     """
     init_fn = functools.partial(_init_state, model, tx, input_shape=input_shape, init_outliers=init_outliers)
     abstract = jax.eval_shape(init_fn, rng)
-    shardings = sharding_lib.tree_shardings(abstract, mesh, param_rules)
+    shardings = sharding_lib.tree_shardings(abstract, mesh, param_rules, fsdp=fsdp, fsdp_min_size=fsdp_min_size)
     # Initialisation runs once but is hundreds of small random-number fusions: XLA's backend
     # optimisations triple its CPU compile time (42 s -> 12 s for IMSAHLO) and buy nothing here.
     init = jax.jit(init_fn, out_shardings=shardings).lower(rng).compile(
