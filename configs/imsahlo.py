@@ -63,7 +63,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     else:
         raise ValueError(f"configs/imsahlo.py: unknown data={args['data']!r}; use synthetic, fnc or folder")
 
-    config.model = ml_collections.ConfigDict({"name": args["model"], "num_classes": 1, "width": 32})
+    # dtype 'bfloat16' = mixed precision: bf16 compute, float32 parameters and logits.
+    config.model = ml_collections.ConfigDict({"name": args["model"], "num_classes": 1, "width": 32,
+                                              "dtype": "float32"})
 
     weights = loss_weights(args["loss"])
     config.loss = ml_collections.ConfigDict({
@@ -108,8 +110,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.model.width = 8
         config.optim.lr = 1e-3  # a few dozen steps at the paper's 3e-4 barely leave the initialisation
         config.train.batch_size = 4
-        config.train.num_steps = 80
-        config.train.eval_every = 20
+        config.train.num_steps = 150
+        config.train.eval_every = 50
         config.train.log_every = 5
         config.inference.window = (128, 128)
         config.inference.batch_size = 2

@@ -53,7 +53,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     model_name = ENCODERS[args["encoder"]]
     config.model = ml_collections.ConfigDict({
         "name": model_name, "num_classes": 2, "width": 64, "img_size": (224, 224), "input_channels": 3,
-        "resnet_units": (3, 4, 9), "n_skip": 3, "dropout_rate": 0.1, **MODELS[model_name].defaults,
+        "resnet_units": (3, 4, 9), "n_skip": 3, "dropout_rate": 0.1, "dtype": "float32",
+        **MODELS[model_name].defaults,
     })
 
     config.loss = ml_collections.ConfigDict({

@@ -1,7 +1,7 @@
 """Evaluate a checkpoint: ``python launch/evaluate.py --workdir=RUN [--checkpoint=best|latest|STEP]``.
 
-Uses the run's config snapshot unless ``--config`` is given (e.g. to evaluate on another
-folder with ``--config.data.root=DIR``). Prints the metrics and writes metrics.json,
+Uses the run's config snapshot unless ``--config`` is given; ``--data_root=DIR`` evaluates on
+another images/ + masks/ folder with the run's preprocessing. Prints the metrics and writes metrics.json,
 per_image.csv and table.md.
 """
 
@@ -15,7 +15,9 @@ from neuroseg_jax.train.predictor import evaluate_run
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Optional config file; default: RUN/config.json.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run folder.", required=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
-_SPLIT = flags.DEFINE_enum("split", "val", ["train", "val", "test", "all"], "Which split of the data.")
+_SPLIT = flags.DEFINE_enum("split", None, ["train", "val", "test", "all"],
+                           "Which split of the data (default: val, or all with --data_root).")
+_DATA_ROOT = flags.DEFINE_string("data_root", None, "Evaluate on this images/ + masks/ folder instead.")
 _OUTPUT = flags.DEFINE_string("output", None, "Output folder (default RUN/eval/CHECKPOINT-SPLIT).")
 _TTA = flags.DEFINE_integer("tta", 5, "Test-time augmentations for the TTA rows (IMSAHLO: 5; <= 1: none).")
 
@@ -24,8 +26,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.ERROR)  # orbax warns about every read-only checkpoint it opens
-    results = evaluate_run(_WORKDIR.value, checkpoint=_CHECKPOINT.value, split=_SPLIT.value, config=_CONFIG.value,
-                           output_dir=_OUTPUT.value, tta_n=_TTA.value)
+    split = _SPLIT.value or ("all" if _DATA_ROOT.value else "val")
+    results = evaluate_run(_WORKDIR.value, checkpoint=_CHECKPOINT.value, split=split, config=_CONFIG.value,
+                           data_root=_DATA_ROOT.value, output_dir=_OUTPUT.value, tta_n=_TTA.value)
     print(json.dumps(results, indent=2, default=str))
 
 

@@ -11,9 +11,11 @@ from neuroseg_jax.train import loop, sharding
 from neuroseg_jax.train.config import validate_config
 
 
-@pytest.mark.parametrize("name, arg", [("imsahlo", "quick"), ("morphoseg", "quick,weighting=pareto")])
-def test_quick_config_takes_one_finite_step(name, arg):
+@pytest.mark.parametrize("name, arg, dtype", [("imsahlo", "quick", "float32"),
+                                              ("morphoseg", "quick,weighting=pareto", "bfloat16")])
+def test_quick_config_takes_one_finite_step(name, arg, dtype):
     config = importlib.import_module(f"configs.{name}").get_config(arg)
+    config.model.dtype = dtype  # bfloat16: mixed precision with float32 parameters
     config.outliers.start_step = config.outliers.start_epoch = 0  # sample outliers in this one step
     validate_config(config, jax.device_count(), jax.process_count())
     trainer = loop.build_trainer(config)
@@ -23,6 +25,7 @@ def test_quick_config_takes_one_finite_step(name, arg):
                                         trainer.step_rng)
     assert int(metrics["finite"]) == 1 and np.isfinite(float(metrics["loss"]))
     assert set(config.loss.terms) <= {key.split("/", 1)[1] for key in metrics if key.startswith("loss/")}
+    assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(state.params))
     changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), before, jax.device_get(state.params))
     assert all(jax.tree.leaves(changed))
     if config.loss.weighting == "pareto":

@@ -35,6 +35,7 @@ def test_hybrid_run_writes_checkpoints_metrics_pictures_and_evaluates_and_predic
     assert any((tmp_path / "checkpoints" / "best").iterdir())
     assert (tmp_path / "plots" / "predictions.png").stat().st_size > 0
     assert (tmp_path / "plots" / "curves.png").stat().st_size > 0
+    assert (tmp_path / "plots" / "predictions_step000003.png").exists()
     assert json.loads((tmp_path / "config.json").read_text())["model"]["name"] == "unet"
     steps = [r["step"] for r in _train_records(tmp_path)]
     assert steps == list(range(1, 7))
@@ -46,9 +47,19 @@ def test_hybrid_run_writes_checkpoints_metrics_pictures_and_evaluates_and_predic
     assert all(0.0 <= pooled[key] <= 1.0 for key in ("dice", "iou", "precision", "recall", "accuracy"))
     assert (pathlib.Path(results["output_dir"]) / "metrics.json").exists()
 
+    folder = tmp_path / "other_data"
+    for sub in ("images", "masks"):
+        (folder / sub).mkdir(parents=True)
+    dataset = data.build_dataset(config.data, "val")
+    for index in range(2):
+        item = dataset[index]
+        cv2.imwrite(str(folder / "images" / f"im{index}.png"), (item["image"][..., 0] * 255).astype(np.uint8))
+        cv2.imwrite(str(folder / "masks" / f"im{index}.png"), (item["mask"] * 255).astype(np.uint8))
+    on_folder = predictor.evaluate_run(tmp_path, data_root=str(folder), split="all", tta_n=1, progress=False)
+    assert on_folder["num_images"] == 2 and set(on_folder["variants"]) == {"raw", "post"}
+
     images = tmp_path / "inputs"
     images.mkdir()
-    dataset = data.build_dataset(config.data, "val")
     cv2.imwrite(str(images / "a.png"), (dataset[0]["image"][..., 0] * 255).astype(np.uint8))
     cv2.imwrite(str(images / "odd_size.png"), np.random.default_rng(0).integers(0, 255, (45, 70), np.uint8))
     (images / "broken.png").write_bytes(b"not an image")

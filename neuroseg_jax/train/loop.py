@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import ml_collections
+from jax.experimental import multihost_utils
 import numpy as np
 from tqdm import tqdm
 
@@ -149,16 +150,28 @@ def evaluate(state: TrainState, eval_step, data_config, batch_size: int, seed: i
     }
 
 
-def _save_previews(state: TrainState, data_config, num: int, path: pathlib.Path) -> None:
-    dataset = data_lib.build_dataset(data_config, "val")
-    loader = data_lib.make_loader(data_config, "val", batch_size=min(num, len(dataset)), seed=0, num_epochs=1)
-    batch = next(iter(loader))
-    variables = {"params": jax.device_get(state.params)}
-    if state.batch_stats:
-        variables["batch_stats"] = jax.device_get(state.batch_stats)
-    logits = np.asarray(jax.jit(lambda v, x: state.apply_fn(v, x, train=False))(variables, batch["image"]))
-    probs = 1 / (1 + np.exp(-logits[..., 0])) if logits.shape[-1] == 1 else 1 - _softmax(logits)[..., 0]
-    plots.save_predictions(path, batch["image"], batch["mask"], probs)
+class _Previews:
+    """Predictions on a fixed set of validation crops, drawn after every evaluation so a run's
+    progress can be watched (``plots/predictions_step*.png``); the forward pass compiles once.
+    Every process gathers the weights (a collective), process 0 draws."""
+
+    def __init__(self, data_config, num: int):
+        size = min(num, len(data_lib.build_dataset(data_config, "val")))
+        self.batch = next(iter(data_lib.make_loader(data_config, "val", batch_size=size, seed=0, num_epochs=1)))
+        self._forward = None
+
+    def save(self, state: TrainState, path: pathlib.Path) -> None:
+        if self._forward is None:
+            self._forward = jax.jit(lambda variables, images: state.apply_fn(variables, images, train=False))
+        variables = {"params": state.params}
+        if state.batch_stats:
+            variables["batch_stats"] = state.batch_stats
+        variables = multihost_utils.process_allgather(variables, tiled=True)
+        if jax.process_index() != 0:
+            return
+        logits = np.asarray(self._forward(variables, self.batch["image"]))
+        probs = 1 / (1 + np.exp(-logits[..., 0])) if logits.shape[-1] == 1 else 1 - _softmax(logits)[..., 0]
+        plots.save_predictions(path, self.batch["image"], self.batch["mask"], probs)
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -245,6 +258,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     plateau_config = config.optim.plateau
     last_val: dict[str, float] = {}
     schedule = make_schedule(config.optim, total_steps)
+    previews = _Previews(config.data, int(config.train.num_preview))
 
     def save_latest(step: int) -> None:
         checkpoints.save_latest(step, state.checkpoint_items(), train_iter,
@@ -291,6 +305,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                     (), state_shardings.lr_scale, lambda _: np.float32(plateau.lr_scale)))
                 writer.write(step, "val", {**last_val, "lr_scale": plateau.lr_scale})
                 progress.write(f"step {step}: " + ", ".join(f"val_{k}={v:.4f}" for k, v in last_val.items()))
+                previews.save(state, workdir / "plots" / f"predictions_step{step:06d}.png")
                 if improved:
                     best_step = step
                     checkpoints.save_best(step, {"params": state.params, "batch_stats": state.batch_stats},
@@ -311,7 +326,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         writer.close()
         stop.restore()
 
+    previews.save(state, workdir / "plots" / "predictions.png")
     if is_chief:
         plots.save_curves(workdir / "plots" / "curves.png", metrics_log.read_metrics(workdir / "metrics.jsonl"))
-        _save_previews(state, config.data, int(config.train.num_preview), workdir / "plots" / "predictions.png")
     return last_val

@@ -78,13 +78,17 @@ def _overlap_pixels(overlap, window) -> tuple[int, int]:
 
 
 def evaluate_run(workdir: str | pathlib.Path, *, checkpoint: str = "best", split: str = "val",
-                 config: ml_collections.ConfigDict | None = None, output_dir: str | pathlib.Path | None = None,
-                 tta_n: int = 5, progress: bool = True) -> dict:
+                 config: ml_collections.ConfigDict | None = None, data_root: str | None = None,
+                 output_dir: str | pathlib.Path | None = None, tta_n: int = 5, progress: bool = True) -> dict:
     """Metrics of a checkpoint on a split, with and without TTA and post-processing.
 
+    ``data_root`` evaluates on another images/ + masks/ folder, preprocessed as in training.
     Writes ``metrics.json``, ``per_image.csv`` and ``table.md`` to ``output_dir`` (default
     ``WORKDIR/eval/CHECKPOINT-SPLIT``) and returns the metrics dict.
     """
+    config = config if config is not None else load_config(workdir)
+    if data_root:
+        config.data.source, config.data.root = "folder", str(data_root)
     run = load_run(workdir, checkpoint, config)
     dataset = data_lib.build_dataset(run.config.data, split)
     if len(dataset) == 0:
@@ -94,7 +98,8 @@ def evaluate_run(workdir: str | pathlib.Path, *, checkpoint: str = "best", split
         make_predict_fn(run.model, run.variables), dataset, output_dir, tta_n=tta_n,
         postprocess=dict(inference.DEFAULT_POSTPROCESS) if run.config.inference.postprocess else None,
         progress=progress, **_inference_options(run.config))
-    results.update({"checkpoint": checkpoint, "step": run.step, "split": split, "output_dir": str(output_dir)})
+    results.update({"checkpoint": checkpoint, "step": run.step, "split": split, "data": run.config.data.root or
+                    run.config.data.source, "output_dir": str(output_dir)})
     return results
 
 
