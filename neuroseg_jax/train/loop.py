@@ -109,14 +109,11 @@ class _StopRequest:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _eval_batches(data_config, batch_size: int, seed: int):
+def _eval_batches(data_config, batch_size: int, seed: int, num_images: int):
     """Padded validation batches of this process: every process yields the same number of
     batches (collectives need it); padding rows carry ``weight`` 0."""
     count = jax.process_count()
     index = jax.process_index()
-    num_images = len(data_lib.build_dataset(data_config, "val"))
-    if num_images == 0:
-        raise ValueError("the validation split is empty: raise config.data.split.val_fraction or add images")
     num_batches = math.ceil(math.ceil(num_images / count) / batch_size)
     loader = data_lib.make_loader(data_config, "val", batch_size=batch_size, seed=seed,
                                   process_index=index, process_count=count, num_epochs=1)
@@ -131,10 +128,12 @@ def _eval_batches(data_config, batch_size: int, seed: int):
         yield padded
 
 
-def evaluate(state: TrainState, eval_step, data_config, batch_size: int, seed: int, mesh) -> dict[str, float]:
-    """Validation loss (mean of per-image losses) and pooled pixel metrics over the val split."""
+def evaluate(state: TrainState, eval_step, data_config, batch_size: int, seed: int, mesh,
+             num_images: int) -> dict[str, float]:
+    """Validation loss (mean of per-image losses) and pooled pixel metrics over the val split of
+    ``num_images`` images."""
     totals: dict[str, float] = {}
-    for batch in _eval_batches(data_config, batch_size, seed):
+    for batch in _eval_batches(data_config, batch_size, seed, num_images):
         sums = jax.device_get(eval_step(state, sharding_lib.global_batch(batch, mesh)))
         for key, value in sums.items():
             totals[key] = totals.get(key, 0.0) + float(value)
@@ -155,8 +154,8 @@ class _Previews:
     progress can be watched (``plots/predictions_step*.png``); the forward pass compiles once.
     Every process gathers the weights (a collective), process 0 draws."""
 
-    def __init__(self, data_config, num: int):
-        size = min(num, len(data_lib.build_dataset(data_config, "val")))
+    def __init__(self, data_config, num: int, num_val: int):
+        size = min(num, num_val)
         self.batch = next(iter(data_lib.make_loader(data_config, "val", batch_size=size, seed=0, num_epochs=1)))
         self._forward = None
 
@@ -221,6 +220,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     TensorBoard events, ``config.json``, ``run_info.json`` and ``plots/`` (process 0 only).
     """
     validate_config(config, jax.device_count(), jax.process_count())
+    num_val = len(data_lib.build_dataset(config.data, "val"))
+    if num_val == 0:
+        raise ValueError("the validation split is empty: raise config.data.split.val_fraction or add images")
     workdir = pathlib.Path(workdir)
     is_chief = jax.process_index() == 0
     if is_chief:
@@ -258,7 +260,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     plateau_config = config.optim.plateau
     last_val: dict[str, float] = {}
     schedule = make_schedule(config.optim, total_steps)
-    previews = _Previews(config.data, int(config.train.num_preview))
+    previews = _Previews(config.data, int(config.train.num_preview), num_val)
 
     def save_latest(step: int) -> None:
         checkpoints.save_latest(step, state.checkpoint_items(), train_iter,
@@ -293,7 +295,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                                      img_s=f"{record['images_per_s']:.1f}")
                 window_start, window_images = time.perf_counter(), 0
             if step % eval_every == 0 or step == total_steps:
-                last_val = evaluate(state, eval_step, config.data, eval_batch, config.seed, mesh)
+                last_val = evaluate(state, eval_step, config.data, eval_batch, config.seed, mesh, num_val)
                 plateau = update_plateau(plateau, last_val["loss"], factor=plateau_config.factor,
                                          patience=plateau_config.patience, min_scale=plateau_config.min_scale,
                                          threshold=plateau_config.threshold,
