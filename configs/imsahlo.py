@@ -79,6 +79,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optim = ml_collections.ConfigDict({
         "name": "adamw", "lr": 3e-4, "weight_decay": 1e-4, "b1": 0.9, "b2": 0.999, "momentum": 0.9,
         "clip_norm": 1.0, "schedule": "constant", "warmup_steps": 0, "poly_power": 0.9,
+        "ema_decay": 0.0,  # > 0: evaluate, keep as best and predict with an EMA of the weights
         "plateau": {"factor": 0.5, "patience": 5, "min_scale": 1e-3, "threshold": 1e-4},
     })
 

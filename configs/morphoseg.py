@@ -68,6 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optim = ml_collections.ConfigDict({
         "name": "sgd", "lr": 0.01, "weight_decay": 1e-4, "b1": 0.9, "b2": 0.999, "momentum": 0.9,
         "clip_norm": 0.0, "schedule": "poly", "warmup_steps": 0, "poly_power": 0.9,
+        "ema_decay": 0.0,  # > 0: evaluate, keep as best and predict with an EMA of the weights
         "plateau": {"factor": 1.0, "patience": 0, "min_scale": 1.0, "threshold": 1e-4},
     })
     config.train = ml_collections.ConfigDict({

@@ -79,7 +79,7 @@ def test_loss_decreases_on_synthetic_data(tmp_path):
 
 
 def test_sigterm_saves_and_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
-    config = tiny_train_config()
+    config = tiny_train_config(**{"optim.ema_decay": 0.9})  # the EMA must survive the resume too
     train.train_and_evaluate(config, tmp_path / "whole")
     whole = _train_records(tmp_path / "whole")
 
@@ -105,6 +105,21 @@ def test_sigterm_saves_and_resume_reproduces_the_uninterrupted_run(tmp_path, mon
     whole_weights, _, _ = train.restore_weights(tmp_path / "whole", "latest")
     cut_weights, _, _ = train.restore_weights(tmp_path / "cut", "latest")
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), whole_weights, cut_weights)
+
+
+def test_ema_averages_the_parameters_of_every_step():
+    config = tiny_train_config(**{"optim.ema_decay": 0.75})
+    trainer = loop_lib.build_trainer(config)
+    batches = iter(data.make_loader(config.data, "train", batch_size=2, seed=0))
+    state = trainer.state
+    expected = jax.device_get(state.params)
+    for _ in range(2):
+        state, _ = trainer.train_step(state, loop_lib.sharding_lib.global_batch(next(batches), trainer.mesh),
+                                      trainer.step_rng)
+        expected = jax.tree.map(lambda avg, new: 0.75 * avg + 0.25 * new, expected, jax.device_get(state.params))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8),
+                 jax.device_get(state.ema_params), expected)
+    assert state.eval_params is state.ema_params
 
 
 def test_non_finite_loss_stops_naming_step_terms_and_checkpoint(tmp_path, monkeypatch):

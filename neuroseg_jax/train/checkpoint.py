@@ -94,7 +94,8 @@ def restore_weights(workdir: str | pathlib.Path, checkpoint: str = BEST) -> tupl
                                                                 "meta": ocp.args.JsonRestore()}))
     manager.close()
     weights = restored[item]
-    variables: dict[str, Any] = {"params": weights["params"]}
+    # A run with an EMA evaluates and predicts with the average (best already holds it).
+    variables: dict[str, Any] = {"params": weights.get("ema_params") or weights["params"]}
     if weights.get("batch_stats"):
         variables["batch_stats"] = weights["batch_stats"]
     return jax.device_get(variables), restored["meta"], step

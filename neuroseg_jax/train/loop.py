@@ -162,7 +162,7 @@ class _Previews:
     def save(self, state: TrainState, path: pathlib.Path) -> None:
         if self._forward is None:
             self._forward = jax.jit(lambda variables, images: state.apply_fn(variables, images, train=False))
-        variables = {"params": state.params}
+        variables = {"params": state.eval_params}
         if state.batch_stats:
             variables["batch_stats"] = state.batch_stats
         variables = multihost_utils.process_allgather(variables, tiled=True)
@@ -204,11 +204,11 @@ def build_trainer(config: ml_collections.ConfigDict, devices=None) -> Trainer:
     init_outliers, outlier_fn = make_outlier_fns(config, steps_per_epoch)
     state, state_shardings = create_train_state(
         build_model(config.model), tx, init_rng, (1, crop_h, crop_w, config.data.channels), mesh,
-        models.sharding_rules(config.model.name), init_outliers=init_outliers,
+        models.sharding_rules(config.model.name), init_outliers=init_outliers, ema=config.optim.ema_decay > 0,
         fsdp=config.mesh.fsdp, fsdp_min_size=config.mesh.fsdp_min_size)
     train_step, eval_step = make_step_fns(make_loss_fn(config.loss), mesh, state_shardings,
                                           loss_weights=loss_weights(config), weighting=config.loss.weighting,
-                                          outlier_fn=outlier_fn)
+                                          outlier_fn=outlier_fn, ema_decay=float(config.optim.ema_decay))
     return Trainer(mesh=mesh, state=state, state_shardings=state_shardings, train_step=train_step,
                    eval_step=eval_step, step_rng=step_rng, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
 
@@ -310,7 +310,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                 previews.save(state, workdir / "plots" / f"predictions_step{step:06d}.png")
                 if improved:
                     best_step = step
-                    checkpoints.save_best(step, {"params": state.params, "batch_stats": state.batch_stats},
+                    checkpoints.save_best(step, {"params": state.eval_params, "batch_stats": state.batch_stats},
                                           {"step": step, "val": last_val})
             if step % checkpoint_every == 0 or step == total_steps or stop.requested or plateau.should_stop:
                 save_latest(step)

@@ -19,7 +19,8 @@ class TrainState:
 
     ``lr_scale`` is the plateau multiplier set by the host after each validation;
     ``batch_stats`` is ``{}`` for models without BatchNorm; ``outliers`` holds the per-class
-    embedding buffers of outlier synthesis (``losses.outliers.OutlierBuffers``) or ``None``.
+    embedding buffers of outlier synthesis (``losses.outliers.OutlierBuffers``) or ``None``;
+    ``ema_params`` the exponential moving average of the parameters, or ``None`` when disabled.
     """
     step: jax.Array
     params: Any
@@ -27,6 +28,7 @@ class TrainState:
     batch_stats: Any
     lr_scale: jax.Array
     outliers: Any
+    ema_params: Any
     apply_fn: Callable = struct.field(pytree_node=False)
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
 
@@ -36,7 +38,14 @@ class TrainState:
                  "batch_stats": self.batch_stats, "lr_scale": self.lr_scale}
         if self.outliers is not None:
             items["outliers"] = self.outliers._asdict()
+        if self.ema_params is not None:
+            items["ema_params"] = self.ema_params
         return items
+
+    @property
+    def eval_params(self):
+        """The weights to evaluate, save as best and predict with: the EMA when there is one."""
+        return self.params if self.ema_params is None else self.ema_params
 
     def with_checkpoint_items(self, items: dict) -> "TrainState":
         items = dict(items)
@@ -46,18 +55,19 @@ class TrainState:
 
 
 def _init_state(model: flax.linen.Module, tx: optax.GradientTransformation, rng: jax.Array,
-                input_shape: tuple[int, ...], init_outliers: Callable[[], Any] | None) -> TrainState:
+                input_shape: tuple[int, ...], init_outliers: Callable[[], Any] | None, ema: bool) -> TrainState:
     variables = model.init({"params": rng, "dropout": rng}, jnp.zeros(input_shape, jnp.float32), train=False)
     params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       batch_stats=variables.get("batch_stats", {}), lr_scale=jnp.ones((), jnp.float32),
                       outliers=init_outliers() if init_outliers is not None else None,
+                      ema_params=params if ema else None,
                       apply_fn=model.apply, tx=tx)
 
 
 def create_train_state(model: flax.linen.Module, tx: optax.GradientTransformation, rng: jax.Array,
                        input_shape: tuple[int, ...], mesh: Mesh, param_rules=(),
-                       init_outliers: Callable[[], Any] | None = None, fsdp: bool = False,
+                       init_outliers: Callable[[], Any] | None = None, ema: bool = False, fsdp: bool = False,
                        fsdp_min_size: int = 2**16) -> tuple[TrainState, Any]:
     """Initialise directly into its shardings (no full copy on one device first).
 
@@ -65,7 +75,8 @@ def create_train_state(model: flax.linen.Module, tx: optax.GradientTransformatio
     moments follow the sharding of the parameters they mirror because the rules match on the
     parameter path, which optax's states repeat.
     """
-    init_fn = functools.partial(_init_state, model, tx, input_shape=input_shape, init_outliers=init_outliers)
+    init_fn = functools.partial(_init_state, model, tx, input_shape=input_shape, init_outliers=init_outliers,
+                                ema=ema)
     abstract = jax.eval_shape(init_fn, rng)
     shardings = sharding_lib.tree_shardings(abstract, mesh, param_rules, fsdp=fsdp, fsdp_min_size=fsdp_min_size)
     # Initialisation runs once but is hundreds of small random-number fusions: XLA's backend

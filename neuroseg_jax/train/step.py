@@ -51,15 +51,16 @@ def _objective_terms(state: TrainState, params, batch, rng, *, loss_fn: LossFn,
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array, *,
                loss_fn: LossFn, loss_weights: Mapping[str, float], weighting: str = "balance",
-               outlier_fn: OutlierFn | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+               outlier_fn: OutlierFn | None = None, ema_decay: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimisation step on a global batch.
 
     The weighted terms are combined by ``weighting``: 'balance' (their sum), 'norm' (each divided
     by its stop-gradient magnitude) or 'pareto' (MGDA: the min-norm convex combination of the
     per-term gradients); see ``losses.weighting``. ``rng`` is folded with the step so that a
-    resumed run draws the same random numbers. A step whose loss or gradient is not finite leaves
-    the state unchanged and reports ``finite=0``; the host stops the run on it (see ``loop.py``),
-    so a bad batch never reaches a checkpoint.
+    resumed run draws the same random numbers. With ``state.ema_params`` their average moves towards
+    the new parameters by ``1 - ema_decay``. A step whose loss or gradient is not finite leaves the
+    state unchanged and reports ``finite=0``; the host stops the run on it (see ``loop.py``), so a
+    bad batch never reaches a checkpoint.
     """
     step_rng = jax.random.fold_in(rng, state.step)
     terms_fn = functools.partial(_objective_terms, state, batch=batch, rng=step_rng, loss_fn=loss_fn,
@@ -84,8 +85,11 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
     updates = jax.tree.map(lambda u: u * state.lr_scale.astype(u.dtype), updates)
     params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    ema_params = state.ema_params
+    if ema_params is not None:
+        ema_params = jax.tree.map(lambda avg, new: ema_decay * avg + (1.0 - ema_decay) * new, ema_params, params)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, batch_stats=batch_stats,
-                              outliers=buffers)
+                              outliers=buffers, ema_params=ema_params)
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
     metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.int32),
                **{f"loss/{name}": value for name, value in terms.items()},
@@ -99,7 +103,7 @@ def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *, loss_fn: Los
     The loss is computed per image so that the validation loss does not depend on the batch
     size; ``batch['weight']`` (1 real, 0 padding) removes the images that pad the last batch.
     """
-    logits, _ = _apply(state, state.params, batch["image"], train=False)
+    logits, _ = _apply(state, state.eval_params, batch["image"], train=False)
     per_image = jax.vmap(lambda lg, lb: loss_fn(lg[None], lb[None])[0])(logits, batch["mask"])
     weight = batch["weight"].astype(jnp.float32)
     pixel_weight = weight[:, None, None]
@@ -116,12 +120,12 @@ def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *, loss_fn: Los
 
 
 def make_step_fns(loss_fn: LossFn, mesh: Mesh, state_shardings: Any, *, loss_weights: Mapping[str, float],
-                  weighting: str = "balance", outlier_fn: OutlierFn | None = None):
+                  weighting: str = "balance", outlier_fn: OutlierFn | None = None, ema_decay: float = 0.0):
     """Jitted, sharded ``train_step(state, batch, rng)`` (state donated) and ``eval_step``."""
     batch_sharding = sharding_lib.batch_sharding(mesh)
     replicated = sharding_lib.replicated(mesh)
     step_fn = functools.partial(train_step, loss_fn=loss_fn, loss_weights=dict(loss_weights), weighting=weighting,
-                                outlier_fn=outlier_fn)
+                                outlier_fn=outlier_fn, ema_decay=ema_decay)
     jitted_train = jax.jit(step_fn,
                            in_shardings=(state_shardings, batch_sharding, replicated),
                            out_shardings=(state_shardings, replicated), donate_argnums=0)
