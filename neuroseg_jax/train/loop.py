@@ -12,8 +12,8 @@ from typing import Any
 
 import jax
 import ml_collections
-from jax.experimental import multihost_utils
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from neuroseg_jax import data as data_lib
