@@ -21,7 +21,7 @@ import ml_collections
 
 from neuroseg_jax.data.config import default_data_config
 from neuroseg_jax.losses.hybrid import IMSAHLO_ABLATIONS, IMSAHLO_PARAMS, IMSAHLO_WEIGHTS
-from neuroseg_jax.train.config import default_outlier_config, parse_config_arg
+from neuroseg_jax.train.config import default_mesh_config, default_outlier_config, parse_config_arg
 
 # Hyper-parameters of every hybrid term, declared here so each is overridable by flag.
 LOSS_PARAMS = {
@@ -95,7 +95,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "eval_batch_size": 0,  # 0 = batch_size
         "num_preview": 4,
     })
-    config.mesh = ml_collections.ConfigDict({"data": -1, "model": 1, "fsdp": False, "fsdp_min_size": 2**16})
+    config.mesh = default_mesh_config()
     config.inference = ml_collections.ConfigDict({
         "window": (512, 768), "overlap": 0.25, "batch_size": 4, "blend": "gaussian", "tta": False,
         "postprocess": True,

@@ -19,7 +19,7 @@ import ml_collections
 
 from neuroseg_jax.data.config import default_data_config
 from neuroseg_jax.models import MODELS
-from neuroseg_jax.train.config import default_outlier_config, parse_config_arg
+from neuroseg_jax.train.config import default_mesh_config, default_outlier_config, parse_config_arg
 
 ENCODERS = {"r50_b16": "transunet_r50_b16", "vit_b16": "transunet_vit_b16",
             "r50_l16": "transunet_r50_l16", "vit_l16": "transunet_vit_l16"}
@@ -83,7 +83,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "eval_batch_size": 0,
         "num_preview": 4,
     })
-    config.mesh = ml_collections.ConfigDict({"data": -1, "model": 1, "fsdp": False, "fsdp_min_size": 2**16})
+    config.mesh = default_mesh_config()
     config.inference = ml_collections.ConfigDict({
         "window": (224, 224), "overlap": 56, "batch_size": 16, "blend": "constant", "tta": False,
         "postprocess": False,

@@ -26,6 +26,11 @@ def parse_config_arg(arg: str | None, allowed: Mapping[str, object]) -> dict:
     return values
 
 
+def default_mesh_config() -> ml_collections.ConfigDict:
+    """``config.mesh``: device mesh axes (-1 = all remaining devices) and FSDP of large parameters."""
+    return ml_collections.ConfigDict({"data": -1, "model": 1, "fsdp": False, "fsdp_min_size": 2**16})
+
+
 def default_outlier_config() -> ml_collections.ConfigDict:
     """``config.outliers``: virtual outlier synthesis (MorphoSeg §3.2-3.3; off unless enabled)."""
     return ml_collections.ConfigDict({

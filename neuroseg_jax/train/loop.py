@@ -17,7 +17,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from neuroseg_jax import data as data_lib
-from neuroseg_jax import losses, models
+from neuroseg_jax import inference, losses, metrics, models
 from neuroseg_jax.train import checkpoint as checkpoint_lib
 from neuroseg_jax.train import metrics_log, plots
 from neuroseg_jax.train import sharding as sharding_lib
@@ -137,16 +137,9 @@ def evaluate(state: TrainState, eval_step, data_config, batch_size: int, seed: i
         sums = jax.device_get(eval_step(state, sharding_lib.global_batch(batch, mesh)))
         for key, value in sums.items():
             totals[key] = totals.get(key, 0.0) + float(value)
-    tp, fp, fn, tn = (totals[k] for k in ("tp", "fp", "fn", "tn"))
-    eps = 1e-12
-    return {
-        "loss": totals["loss_sum"] / max(totals["count"], 1.0),
-        "dice": 2 * tp / max(2 * tp + fp + fn, eps),
-        "iou": tp / max(tp + fp + fn, eps),
-        "precision": tp / max(tp + fp, eps),
-        "recall": tp / max(tp + fn, eps),
-        "accuracy": (tp + tn) / max(tp + fp + fn + tn, eps),
-    }
+    scores = metrics.metrics_from_confusion(totals, empty_score=0.0)
+    return {"loss": totals["loss_sum"] / max(totals["count"], 1.0),
+            **{key: scores[key] for key in ("dice", "iou", "precision", "recall", "accuracy")}}
 
 
 class _Previews:
@@ -161,21 +154,22 @@ class _Previews:
 
     def save(self, state: TrainState, path: pathlib.Path) -> None:
         if self._forward is None:
-            self._forward = jax.jit(lambda variables, images: state.apply_fn(variables, images, train=False))
+            self._forward = jax.jit(lambda variables, images: logits_to_probabilities(
+                state.apply_fn(variables, images, train=False)))
         variables = {"params": state.eval_params}
         if state.batch_stats:
             variables["batch_stats"] = state.batch_stats
         variables = multihost_utils.process_allgather(variables, tiled=True)
         if jax.process_index() != 0:
             return
-        logits = np.asarray(self._forward(variables, self.batch["image"]))
-        probs = 1 / (1 + np.exp(-logits[..., 0])) if logits.shape[-1] == 1 else 1 - _softmax(logits)[..., 0]
-        plots.save_predictions(path, self.batch["image"], self.batch["mask"], probs)
+        probs = np.asarray(self._forward(variables, self.batch["image"]))
+        plots.save_predictions(path, self.batch["image"], self.batch["mask"],
+                               np.stack([inference.foreground_probability(p) for p in probs]))
 
 
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
+def logits_to_probabilities(logits: jax.Array) -> jax.Array:
+    """(..., K) logits -> probabilities: sigmoid for one output channel, softmax otherwise."""
+    return jax.nn.sigmoid(logits) if logits.shape[-1] == 1 else jax.nn.softmax(logits, axis=-1)
 
 
 @dataclasses.dataclass

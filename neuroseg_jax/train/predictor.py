@@ -17,7 +17,7 @@ import numpy as np
 from neuroseg_jax import data as data_lib
 from neuroseg_jax import inference
 from neuroseg_jax.train.checkpoint import restore_weights
-from neuroseg_jax.train.loop import build_model
+from neuroseg_jax.train.loop import build_model, logits_to_probabilities
 
 
 @dataclasses.dataclass
@@ -60,8 +60,7 @@ def make_predict_fn(model: flax.linen.Module, variables: dict) -> Callable[[np.n
 
     @jax.jit
     def probabilities(batch):
-        logits = model.apply(variables, batch, train=False)
-        return jax.nn.sigmoid(logits) if logits.shape[-1] == 1 else jax.nn.softmax(logits, axis=-1)
+        return logits_to_probabilities(model.apply(variables, batch, train=False))
 
     return lambda batch: np.asarray(probabilities(np.asarray(batch, np.float32)))
 

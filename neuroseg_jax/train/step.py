@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from neuroseg_jax.metrics import confusion
 from neuroseg_jax.losses import weighting as weighting_lib
 from neuroseg_jax.train import sharding as sharding_lib
 from neuroseg_jax.train.state import TrainState
@@ -106,17 +107,10 @@ def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *, loss_fn: Los
     logits, _ = _apply(state, state.eval_params, batch["image"], train=False)
     per_image = jax.vmap(lambda lg, lb: loss_fn(lg[None], lb[None])[0])(logits, batch["mask"])
     weight = batch["weight"].astype(jnp.float32)
-    pixel_weight = weight[:, None, None]
     pred = (logits[..., 0] > 0) if logits.shape[-1] == 1 else (jnp.argmax(logits, -1) > 0)
-    truth = batch["mask"] > 0
-    return {
-        "loss_sum": jnp.sum(per_image * weight),
-        "count": jnp.sum(weight),
-        "tp": jnp.sum((pred & truth) * pixel_weight),
-        "fp": jnp.sum((pred & ~truth) * pixel_weight),
-        "fn": jnp.sum((~pred & truth) * pixel_weight),
-        "tn": jnp.sum((~pred & ~truth) * pixel_weight),
-    }
+    pixel_weight = jnp.broadcast_to(weight[:, None, None], pred.shape)
+    counts = confusion(pred, batch["mask"], mask=pixel_weight)
+    return {"loss_sum": jnp.sum(per_image * weight), "count": jnp.sum(weight), **counts}
 
 
 def make_step_fns(loss_fn: LossFn, mesh: Mesh, state_shardings: Any, *, loss_weights: Mapping[str, float],
