@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
 import cv2
+import grain
 import numpy as np
 import pytest
 import tifffile
@@ -17,6 +19,7 @@ from neuroseg_jax.data import (
     SyntheticNeurons,
     build_dataset,
     default_data_config,
+    io,
     load_image,
     loader_transforms,
     make_loader,
@@ -196,6 +199,24 @@ def test_skip_bad_files_warns_once(tmp_path):
     assert len(caught) == 1
     assert "img_1.png" in str(caught[0].message) and "img_3" in str(caught[0].message)
     assert dataset.names == ["img_0", "img_2"]
+
+
+def test_folder_decoded_once_per_process(tmp_path, monkeypatch):
+    root = _write_pairs(tmp_path / "d", count=6)
+    config = default_data_config()
+    config.source, config.root, config.on_bad_file = "folder", str(root), "skip"
+    config.split.stratify = True
+    decoded = []
+    load_array = io.load_array
+    monkeypatch.setattr(io, "load_array", lambda path, **kwargs: decoded.append(path) or load_array(path, **kwargs))
+    build_dataset(config, "train")
+    assert len(decoded) == 12  # validation decodes each image and mask once; stratifying reuses the masks
+    build_dataset(config, "val")
+    assert len(decoded) == 12  # nothing decoded again
+    cv2.imwrite(str(root / "masks" / "img_4.png"), _blob_mask(seed=9) * 255)
+    os.utime(root / "masks" / "img_4.png", ns=(1, 1))  # a new mtime whatever the clock resolution
+    build_dataset(config, "test")
+    assert sorted(Path(path).name for path in decoded[12:]) == ["img_4.png", "img_4.png"]  # the changed pair only
 
 
 # ---------------------------------------------------------------- synthetic data and splits
@@ -381,16 +402,40 @@ def test_eval_loader_one_pass_center_crop():
 
 
 @pytest.mark.slow
-def test_worker_count_does_not_change_records():
-    config = _synthetic_config(num_images=10)
+def test_batches_do_not_depend_on_worker_count():
+    config = _synthetic_config(num_images=12, size=32, crop=24)  # augmented and randomly cropped
+    config.split.val_fraction, config.split.test_fraction = 0.0, 0.0
     runs = {}
-    for workers in (0, 1):
+    for workers in (0, 2):
         config.worker_count = workers
-        batches = list(make_loader(config, "train", batch_size=2, seed=1, num_epochs=1))
-        runs[workers] = [np.array(b["image"]) for b in batches]
-    assert len(runs[0]) == len(runs[1])
-    for a, b in zip(runs[0], runs[1]):
-        np.testing.assert_array_equal(a, b)
+        iterator = iter(make_loader(config, "train", batch_size=4, seed=1))
+        runs[workers] = [next(iterator) for _ in range(7)]  # 3 batches per epoch: crosses two epoch ends
+        iterator.close()
+    for a, b in zip(runs[0], runs[2]):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["mask"], b["mask"])
+
+
+def _record_index(dataset) -> dict[bytes, int]:
+    """Un-augmented, uncropped image bytes -> index of the record in `dataset` (synthetic images all differ)."""
+    return {dataset[i]["image"].tobytes(): i for i in range(len(dataset))}
+
+
+def test_epochs_reshuffle_and_cover_every_record():
+    config = _synthetic_config(num_images=12)
+    config.augment.enabled = False
+    config.crop_size = None
+    config.split.val_fraction, config.split.test_fraction = 0.0, 0.0
+    index_of = _record_index(build_dataset(config, "train"))
+    order = [
+        index_of[image.tobytes()]
+        for batch in make_loader(config, "train", batch_size=4, seed=3, num_epochs=2)
+        for image in batch["image"]
+    ]
+    epochs = order[:12], order[12:]
+    assert len(order) == 24
+    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(12))
+    assert epochs[0] != epochs[1]
 
 
 def test_process_shards_are_disjoint():
@@ -407,21 +452,27 @@ def test_process_shards_are_disjoint():
     ]
     whole = fingerprints(make_loader(config, "train", batch_size=1, seed=0, num_epochs=1))
     assert shards[0].isdisjoint(shards[1])
+    assert len(shards[0]) == len(shards[1])
     assert shards[0] | shards[1] == whole
 
 
-def test_loader_state_restore_resumes():
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
+def test_loader_state_restore_resumes(tmp_path, workers):
     config = _synthetic_config()
+    config.worker_count = workers
     iterator = iter(make_loader(config, "train", batch_size=2, seed=2))
     for _ in range(3):
         next(iterator)
-    state = iterator.get_state()
+    # Through the handler the training checkpoints use (the state goes through JSON).
+    grain.checkpoint.CheckpointHandler().save(tmp_path, args=grain.checkpoint.CheckpointSave(iterator))
     expected = [next(iterator) for _ in range(2)]
+    iterator.close()
     resumed = iter(make_loader(config, "train", batch_size=2, seed=2))
-    resumed.set_state(state)
+    grain.checkpoint.CheckpointHandler().restore(tmp_path, args=grain.checkpoint.CheckpointRestore(resumed))
     for a, b in zip(expected, [next(resumed) for _ in range(2)]):
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["mask"], b["mask"])
+    resumed.close()
 
 
 def test_folder_loader_with_resize(tmp_path):

@@ -97,6 +97,9 @@ def test_sigterm_saves_and_resume_reproduces_the_uninterrupted_run(tmp_path, mon
     assert sorted(int(p.name) for p in (tmp_path / "cut" / "checkpoints" / "latest").iterdir()
                   if p.name.isdigit())[-1] == 3
     monkeypatch.setattr(loop_lib.sharding_lib, "global_batch", real_global_batch)
+    other_workers = tiny_train_config(**{"optim.ema_decay": 0.9, "data.worker_count": 1})
+    with pytest.raises(ValueError, match="data.worker_count=0"):
+        train.train_and_evaluate(other_workers, tmp_path / "cut")
     train.train_and_evaluate(config, tmp_path / "cut")
     resumed = _train_records(tmp_path / "cut")
     assert [r["step"] for r in resumed] == [r["step"] for r in whole]

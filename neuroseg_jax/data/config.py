@@ -62,7 +62,8 @@ def default_data_config() -> ml_collections.ConfigDict:
       synthetic: options of SyntheticNeurons.
       cache_size: number of decoded images kept per process (0 = no cache).
       worker_count: grain worker processes (0 = in the main process).
-      read_threads: grain read threads per worker; prefetch: grain read-ahead buffer.
+      read_threads: grain read threads per worker, each preparing whole batches; prefetch:
+        read-ahead per worker in records (rounded up to whole batches, 0 = none).
       on_bad_file: 'error' | 'skip' (skip with one warning listing all skipped files).
     """
     return ml_collections.ConfigDict(

@@ -19,6 +19,12 @@ _FNC_SUFFIX = "_y"
 _IMAGE_DIRS = {"plain": ("images",), "fnc": ("images", "all_images/images", "all_images")}
 _MASK_DIRS = {"plain": ("masks",), "fnc": ("masks", "all_masks/masks", "all_masks", "all_images/masks")}
 
+# What decoding a file told us, shared by every FolderDataset of this process: training builds
+# one dataset per split and per evaluation over the same folder, and decoding dominates their
+# construction. Keys hold file size and mtime, so an edited file is decoded again.
+_pair_problems: dict[tuple, str | None] = {}
+_foreground_fractions: dict[tuple, float] = {}
+
 
 class LruCache:
     """Thread-safe least-recently-used cache of at most `capacity` items (0 = disabled)."""
@@ -52,6 +58,11 @@ class LruCache:
         self.__init__(state["capacity"])
 
 
+def _file_key(path: Path) -> tuple[str, int, int]:
+    stat = path.stat()
+    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
+
+
 def _find_dir(root: Path, candidates: tuple[str, ...], what: str) -> Path:
     for candidate in candidates:
         if (root / candidate).is_dir():
@@ -80,8 +91,9 @@ class FolderDataset:
 
     Pairing is checked at construction (empty folder, stem without partner, duplicate stems);
     file content (decoding, mask values, image/mask size) at read time. With
-    `on_bad_file='skip'` every pair is decoded once at construction and the bad ones are
-    dropped with a single warning that lists all of them.
+    `on_bad_file='skip'` every pair is decoded at construction (once per process: later
+    datasets over unchanged files reuse the verdict) and the bad ones are dropped with a single
+    warning that lists all of them.
     """
 
     def __init__(
@@ -138,14 +150,9 @@ class FolderDataset:
                 pairs.append((stem, path, mask_path))
         problems += [f"{path}: mask without image in {image_dir}" for path in mask_by_key.values()]
         if on_bad_file == "skip":
-            good = []
-            for stem, image_path, mask_path in pairs:
-                try:
-                    self._read_pair(image_path, mask_path)
-                    good.append((stem, image_path, mask_path))
-                except (ValueError, OSError) as error:
-                    problems.append(str(error))
-            pairs = good
+            verdicts = [self._pair_problem(image_path, mask_path) for _, image_path, mask_path in pairs]
+            problems += [problem for problem in verdicts if problem is not None]
+            pairs = [pair for pair, problem in zip(pairs, verdicts) if problem is None]
             if problems:
                 warnings.warn(
                     f"{self.root}: skipped {len(problems)} bad file(s):\n  " + "\n  ".join(problems), stacklevel=2
@@ -180,6 +187,21 @@ class FolderDataset:
             )
         return {"image": image, "mask": mask}
 
+    def _pair_problem(self, image_path: Path, mask_path: Path) -> str | None:
+        """Why the pair cannot be read, or None; decodes only pairs this process has not checked."""
+        read_options = (self.channels, self.channel_reduce, self.normalize, self.percentiles, self.tiff_page)
+        mask_key = _file_key(mask_path)
+        key = (_file_key(image_path), mask_key, read_options)
+        if key not in _pair_problems:
+            try:
+                pair = self._read_pair(image_path, mask_path)
+            except (ValueError, OSError) as error:
+                _pair_problems[key] = str(error)
+            else:
+                _pair_problems[key] = None
+                _foreground_fractions[mask_key] = float(pair["mask"].mean())
+        return _pair_problems[key]
+
     def __len__(self) -> int:
         return len(self._names)
 
@@ -203,8 +225,11 @@ class FolderDataset:
         return io.read_labels(self.mask_paths[index])
 
     def foreground_fraction(self, index: int) -> float:
-        """Share of foreground pixels of mask `index` (reads only the mask)."""
-        return float(io.read_mask(self.mask_paths[index]).mean())
+        """Share of foreground pixels of mask `index` (reads only the mask, once per process)."""
+        key = _file_key(self.mask_paths[index])
+        if key not in _foreground_fractions:
+            _foreground_fractions[key] = float(io.read_mask(self.mask_paths[index]).mean())
+        return _foreground_fractions[key]
 
     def __repr__(self) -> str:
         return f"FolderDataset(root={str(self.root)!r}, layout={self.layout!r}, images={len(self)})"

@@ -10,6 +10,7 @@ Val/test pipeline: center crop -> batch (keep remainder), one pass, no shuffle.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from typing import Any
 
@@ -132,8 +133,8 @@ class SplitDataset:
         return len(self.indices)
 
     def __repr__(self) -> str:
-        # Grain compares repr(data_source) when restoring a loader state, so it must name the
-        # content (source, split members, preprocessing), never an object address.
+        # Names the content (source, split members, preprocessing), never an object address, so
+        # two splits or runs can be told apart in logs and error messages.
         digest = hashlib.sha1(self.indices.tobytes()).hexdigest()[:12]
         clahe = (
             None if self.clahe is None else (self.clahe.clip_limit, tuple(self.clahe.tile_grid), self.clahe.bit_depth)
@@ -261,14 +262,18 @@ def make_loader(
     process_index: int = 0,
     process_count: int = 1,
     num_epochs: int | None = None,
-) -> grain.DataLoader:
-    """Grain DataLoader of batches dict(image=(b, h, w, C) float32, mask=(b, h, w) int32).
+) -> grain.IterDataset:
+    """Grain dataset of batches dict(image=(b, h, w, C) float32, mask=(b, h, w) int32).
 
-    'train': shuffled with `seed`, augmented, random crops, repeats forever when num_epochs is
-    None, drops the last incomplete batch. 'val'/'test': no augmentation, center crop, one pass
-    (or num_epochs), no shuffle, last batch may be smaller. `batch_size` is per process; process
-    `process_index` of `process_count` reads a disjoint shard of the records.
-    `iter(loader)` is a checkpointable iterator (get_state() / set_state()).
+    'train': shuffled with `seed` (a new order every epoch), augmented, random crops, repeats
+    forever when num_epochs is None, drops the last incomplete batch. 'val'/'test': no
+    augmentation, center crop, one pass (or num_epochs), no shuffle, last batch may be smaller.
+    `batch_size` is per process; process `process_index` of `process_count` reads a disjoint
+    shard of the records (train: equally many per process). Batch j is always records
+    j*b..(j+1)*b-1 of the shuffled stream, augmented from (seed, process_index, record
+    position), so batches do not depend on data.worker_count.
+    `iter(loader)` is a checkpointable iterator (get_state() / set_state()); the state's layout
+    depends on data.worker_count, so resume with the worker count it was saved with.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
@@ -276,30 +281,39 @@ def make_loader(
         raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
     train = split == "train"
     dataset = build_dataset(data_config, split)
-    shard = grain.ShardOptions(shard_index=process_index, shard_count=process_count, drop_remainder=train)
     if train and len(dataset) // process_count < batch_size:
         raise ValueError(
             f"train split has {len(dataset)} records for {process_count} process(es): "
             f"fewer than batch_size={batch_size} each"
         )
-    sampler = grain.IndexSampler(
-        num_records=len(dataset),
-        shard_options=shard,
-        shuffle=train,
-        num_epochs=num_epochs if num_epochs is not None else (None if train else 1),
-        seed=seed,
+    # Train drops the remainder so every process runs the same number of steps per epoch.
+    end = len(dataset) // process_count * process_count if train else len(dataset)
+    # Processes fold their index into the seed so their augmentations differ, not only their records.
+    process_seed = int(np.random.SeedSequence((seed, process_index)).generate_state(1)[0])
+    records = grain.MapDataset.source(dataset)[process_index:end:process_count].seed(process_seed)
+    if train:
+        # Before repeat, so the shuffle folds the epoch into its seed: a new order every epoch.
+        records = records.shuffle()
+    records = records.repeat(num_epochs if num_epochs is not None else (None if train else 1))
+    # Random transforms draw from (their seed, position in the repeated stream): the same
+    # whatever process of the worker pool computes the record.
+    batches = records.apply(loader_transforms(data_config, split)).batch(
+        batch_size, drop_remainder=train, batch_fn=stack_batch
     )
-    operations = loader_transforms(data_config, split) + [
-        grain.Batch(batch_size, drop_remainder=train, batch_fn=stack_batch)
-    ]
-    if data_config.worker_count > 0 and not flags.FLAGS.is_parsed():
-        # Grain's worker processes read absl flags; outside an absl app (notebooks, tests)
+    # data.prefetch counts records but the read-ahead buffer holds batches: round up, and let
+    # every read thread work on a batch of its own.
+    batches_ahead = (
+        max(data_config.read_threads, math.ceil(data_config.prefetch / batch_size)) if data_config.prefetch else 0
+    )
+    loader = batches.to_iter_dataset(
+        grain.ReadOptions(num_threads=data_config.read_threads, prefetch_buffer_size=batches_ahead)
+    )
+    if data_config.worker_count == 0:
+        return loader
+    if not flags.FLAGS.is_parsed():
+        # Grain's multiprocess prefetch reads absl flags; outside an absl app (notebooks, tests)
         # nobody parsed them, so accept their defaults.
         flags.FLAGS.mark_as_parsed()
-    return grain.DataLoader(
-        data_source=dataset,
-        sampler=sampler,
-        operations=operations,
-        worker_count=data_config.worker_count,
-        read_options=grain.ReadOptions(num_threads=data_config.read_threads, prefetch_buffer_size=data_config.prefetch),
-    )
+    # Workers slice whole batches (w, w + W, ...) and mp_prefetch interleaves them round-robin,
+    # which restores the single-process order.
+    return loader.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.worker_count))

@@ -48,6 +48,11 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         return self.latest.latest_step()
 
+    def latest_meta(self) -> dict:
+        """The host-side metadata of the latest checkpoint, without restoring its state."""
+        step = self.latest.latest_step()
+        return self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
     def restore_latest(self, abstract_state_items: dict, data_iterator) -> tuple[dict, dict]:
         """Restores into ``abstract_state_items``' shapes and shardings and moves ``data_iterator``
         to the saved position. Returns (state items, meta)."""

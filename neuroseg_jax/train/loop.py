@@ -240,6 +240,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     plateau = PlateauState()
     best_step = None
     if checkpoints.latest_step() is not None:
+        saved_workers = checkpoints.latest_meta().get("data_worker_count", config.data.worker_count)
+        if saved_workers != config.data.worker_count:
+            # The data iterator's saved position is laid out per worker process.
+            raise ValueError(
+                f"{workdir}: the latest checkpoint (step {checkpoints.latest_step()}) was saved with "
+                f"data.worker_count={saved_workers}; resume with --config.data.worker_count={saved_workers} "
+                f"(got {config.data.worker_count})"
+            )
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                 state.checkpoint_items(), state_shardings.checkpoint_items())
         items, meta = checkpoints.restore_latest(abstract, train_iter)
@@ -258,7 +266,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
     def save_latest(step: int) -> None:
         checkpoints.save_latest(step, state.checkpoint_items(), train_iter,
-                                {"step": step, "plateau": plateau.to_json(), "best_step": best_step})
+                                {"step": step, "plateau": plateau.to_json(), "best_step": best_step,
+                                  "data_worker_count": config.data.worker_count})
 
     progress = tqdm(total=total_steps, initial=start_step, disable=not is_chief, dynamic_ncols=True,
                     desc="train", unit="step")
