@@ -190,9 +190,50 @@ def test_max_pool2x_equals_flax_max_pool_in_value_and_gradient(shape):
 
     np.testing.assert_array_equal(layers.max_pool2x(x), reference(x))
     weights = jax.random.normal(jax.random.key(2), reference(x).shape)
-    ours = jax.grad(lambda v: jnp.sum(layers.max_pool2x(v) * weights))(x)
+    ours = jax.jit(jax.grad(lambda v: jnp.sum(layers.max_pool2x(v) * weights)))(x)
     theirs = jax.grad(lambda v: jnp.sum(reference(v) * weights))(x)
     np.testing.assert_array_equal(ours, theirs)
+
+
+def test_max_pool2x_gives_ties_gradient_to_the_first_maximum():
+    # Every window pattern of maxima among {0, 1}: 16 windows of a 8x8 map, one channel.
+    patterns = np.array([[(code >> bit) & 1 for bit in range(4)] for code in range(16)], np.float32)
+    x = jnp.asarray(patterns.reshape(4, 4, 2, 2).transpose(0, 2, 1, 3).reshape(1, 8, 8, 1))
+    weights = jnp.arange(1.0, 17.0).reshape(1, 4, 4, 1)
+    ours = jax.grad(lambda v: jnp.sum(layers.max_pool2x(v) * weights))(x)
+    theirs = jax.grad(lambda v: jnp.sum(nn.max_pool(v, (2, 2), strides=(2, 2)) * weights))(x)
+    np.testing.assert_array_equal(layers.max_pool2x(x), nn.max_pool(x, (2, 2), strides=(2, 2)))
+    np.testing.assert_array_equal(ours, theirs)
+    assert float(jnp.sum(ours)) == float(jnp.sum(weights))  # each window's cotangent lands once
+
+
+@pytest.mark.parametrize("shape,groups", [((2, 6, 5, 8), 4), ((1, 4, 4, 6), 3), ((2, 3, 3, 4), 1)])
+def test_group_norm_equals_flax_group_norm(shape, groups):
+    x = 3.0 + 2.0 * jax.random.normal(jax.random.key(0), shape)
+    ours, theirs = layers.GroupNorm(num_groups=groups, epsilon=1e-5), nn.GroupNorm(num_groups=groups, epsilon=1e-5)
+    params = ours.init(jax.random.key(1), x)
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, theirs.init(jax.random.key(1), x))
+    params = jax.tree.map(lambda p: p + jax.random.uniform(jax.random.key(2), p.shape), params)
+    np.testing.assert_allclose(ours.apply(params, x), theirs.apply(params, x), rtol=1e-5, atol=1e-5)
+    weights = jax.random.normal(jax.random.key(3), shape)
+
+    def grads(module):
+        return jax.grad(lambda p, v: jnp.sum(module.apply(p, v) * weights), (0, 1))(params, x)
+
+    for mine, reference in zip(jax.tree.leaves(grads(ours)), jax.tree.leaves(grads(theirs))):
+        np.testing.assert_allclose(mine, reference, rtol=1e-4, atol=1e-4)
+    low = layers.GroupNorm(num_groups=groups, dtype=jnp.bfloat16).apply(params, x)
+    assert low.dtype == jnp.bfloat16
+
+
+def test_guarded_max_matches_jnp_max_with_ties():
+    x = jnp.array([[[[1.0, 3.0], [3.0, 0.0]], [[2.0, -1.0], [3.0, 3.0]]]])  # (1, 2, 2, 2), with ties
+    weights = jnp.array([2.0, -1.0])
+    for axis in ((1, 2), -1):
+        np.testing.assert_array_equal(layers.guarded_max(x, axis), jnp.max(x, axis, keepdims=True))
+        ours = jax.jit(jax.grad(lambda v: jnp.sum(layers.guarded_max(v, axis) * weights)))(x)
+        theirs = jax.grad(lambda v: jnp.sum(jnp.max(v, axis, keepdims=True) * weights))(x)
+        np.testing.assert_allclose(ours, theirs, rtol=1e-6)
 
 
 def test_blocks_shapes_and_semantics():
