@@ -38,46 +38,53 @@ def _peak_memory_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(spec: str) -> dict:
+def load_config(spec: str):
+    """configs/NAME.py's config for 'NAME' or 'NAME:ARGS'."""
     name, _, arg = spec.partition(":")
-    config = importlib.import_module(f"configs.{name}").get_config(arg or None)
-    config.train.batch_size = _BATCH.value
-    config.data.synthetic.num_images = max(4 * _BATCH.value, 8)
+    return importlib.import_module(f"configs.{name}").get_config(arg or None)
+
+
+def measure_train_step(config, batch_size: int, steps: int) -> dict:
+    """Median seconds of ``config``'s train step over ``steps`` steps after a warm-up (compile) step,
+    on synthetic images of the config's crop size (same shapes as its real data)."""
+    config.train.batch_size = batch_size
+    config.data.source = "synthetic"
+    config.data.synthetic.num_images = max(4 * batch_size, 8)
     config.data.synthetic.image_size = tuple(config.data.crop_size)
     config.data.patches.enabled = False
     trainer = loop.build_trainer(config)
-    batches = iter(data.make_loader(config.data, "train", batch_size=_BATCH.value, seed=0))
+    batches = iter(data.make_loader(config.data, "train", batch_size=batch_size, seed=0))
     batch = sharding.global_batch(next(batches), trainer.mesh)
     compiled = trainer.train_step.lower(trainer.state, batch, trainer.step_rng).compile()
     flops = (compiled.cost_analysis() or {}).get("flops", float("nan"))
     state, metrics = trainer.train_step(trainer.state, batch, trainer.step_rng)
     jax.block_until_ready(metrics)
     times = []
-    for _ in range(_STEPS.value):
+    for _ in range(steps):
         batch = sharding.global_batch(next(batches), trainer.mesh)
         start = time.perf_counter()
         state, metrics = trainer.train_step(state, batch, trainer.step_rng)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
-    return {"config": spec, "size": "x".join(map(str, config.data.crop_size)), "s_per_step": seconds,
-            "images_per_s": _BATCH.value / seconds, "gflop_per_step": flops / 1e9,
-            "gflop_per_s": flops / 1e9 / seconds,
-            "mfu": flops / seconds / (_PEAK.value * 1e12) if _PEAK.value else float("nan"),
-            "peak_mib": _peak_memory_mib()}
+    return {"size": "x".join(map(str, config.data.crop_size)), "s_per_step": seconds,
+            "images_per_s": batch_size / seconds, "gflop_per_step": flops / 1e9,
+            "gflop_per_s": flops / 1e9 / seconds, "peak_mib": _peak_memory_mib()}
 
 
 def main(argv):
     del argv
-    rows = [measure(spec) for spec in _CONFIGS.value]
+    rows = [{"config": spec, **measure_train_step(load_config(spec), _BATCH.value, _STEPS.value)}
+            for spec in _CONFIGS.value]
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, batch {_BATCH.value}, "
           f"median of {_STEPS.value} steps")
     header = f"{'config':34} {'size':>9} {'s/step':>8} {'img/s':>7} {'GFLOP/step':>11} {'GFLOP/s':>8} " \
              f"{'MFU':>6} {'peak MiB':>9} {'vs first':>8}"
     print(header)
     for row in rows:
+        mfu = row["gflop_per_s"] / (_PEAK.value * 1e3) if _PEAK.value else float("nan")
         print(f"{row['config']:34} {row['size']:>9} {row['s_per_step']:8.3f} {row['images_per_s']:7.2f} "
-              f"{row['gflop_per_step']:11.1f} {row['gflop_per_s']:8.1f} {row['mfu']:6.3f} {row['peak_mib']:9.0f} "
+              f"{row['gflop_per_step']:11.1f} {row['gflop_per_s']:8.1f} {mfu:6.3f} {row['peak_mib']:9.0f} "
               f"{row['s_per_step'] / rows[0]['s_per_step']:8.2f}")
 
 
