@@ -31,6 +31,7 @@ import numpy as np
 from flax import traverse_util
 
 from neuroseg_jax.models.layers import (
+    GroupNorm,
     Conv,
     ConvNormAct,
     WSConv,
@@ -44,8 +45,8 @@ PATCH_SIZE = 16  # total encoder stride: the CUP decoder upsamples 4 times by 2
 POSITION_EMBEDDING = "Transformer/posembed_input/pos_embedding"
 
 
-def _gn(channels: int, groups: int, epsilon: float, name: str, dtype: Any) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=group_count(channels, groups), epsilon=epsilon, dtype=dtype, name=name)
+def _gn(channels: int, groups: int, epsilon: float, name: str, dtype: Any) -> GroupNorm:
+    return GroupNorm(num_groups=group_count(channels, groups), epsilon=epsilon, dtype=dtype, name=name)
 
 
 class BottleneckUnit(nn.Module):
