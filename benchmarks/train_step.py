@@ -1,26 +1,46 @@
-"""One training step (forward + backward + Adam) of a U-Net in JAX and in PyTorch, on CPU.
+"""One training step (forward + backward + Adam) of a U-Net and of IMSAHLO in JAX and in PyTorch, on CPU.
 
 Compares, in one process and interleaved step by step (the CPU may be shared, so only ratios
-measured side by side are meaningful):
+measured side by side are meaningful, and only on an otherwise idle CPU: under load from other
+processes PyTorch's OpenMP threads slowed 7x where XLA's pool slowed 1.5x, IMSAHLO at 128x192, so
+the header prints the load average from before the run and the share of CPU time the hypervisor
+took away during the steps):
   jax-lax      the benchmark U-Net with plain `lax.conv_general_dilated` (XLA's own gradients)
   jax-conv2d   the same U-Net with `neuroseg_jax.models.conv.conv2d` (fast CPU kernel gradient)
   torch        the equivalent PyTorch network (optional dependency: `pip install torch==2.13.0`)
   unet, imsahlo          `neuroseg_jax.models.create_model(name)` as used by training (conv2d)
   unet-lax, imsahlo-lax  the same models with `layers.conv2d` swapped for plain lax convolution
+  torch-imsahlo          the PyTorch twin of imsahlo (`torch_models.TorchIMSAHLO`)
 
 Benchmark U-Net: 4 levels of [conv3x3 -> GroupNorm(8) -> ReLU] x 2 with 32, 64, 128, 256
 channels, 2x2 max pooling, 2x2 stride-2 transposed-conv upsampling (in JAX a 1x1 conv to 4C
 followed by depth-to-space, the same linear map), skip concatenation, 1x1 head, 1 input and
 1 output channel (~1.9M parameters); loss: mean sigmoid binary cross-entropy.
 
+IMSAHLO: the registry model (width 32, depth 4, MSDB blocks with SE, Swish, Hierarchical
+Attention, GroupNorm(8), spatial dropout 0.1, bilinear upsampling, float32, 12.0M parameters) with
+1 output channel and the same loss. Its twin is built from the Flax module's fields and must have
+the same parameter count (checked when built); `--check` also copies the JAX parameters into it
+and compares logits and gradients on a 1x64x96 image.
+
 Prints s/step (median of --steps after one warm-up step), GFLOP/s against XLA's FLOP count of
-the plain-lax twin (jax-lax for jax-conv2d and torch, unet-lax for unet, imsahlo-lax for imsahlo,
-when built; XLA counts the custom kernel gradient differently),
-the ratio to torch (or to the first variant when torch is absent), the process's peak RSS while
-that variant ran (includes the other variants' resident state) and the step's growth over it.
+the plain-lax twin (jax-lax for jax-conv2d and torch, unet-lax for unet, imsahlo-lax for imsahlo
+and torch-imsahlo; when that twin is not run, the conv2d variant's count, which counts the custom
+kernel gradient differently), the ratio to the PyTorch twin of the same network (torch-imsahlo
+for the imsahlo rows, torch for the U-Net rows; the first variant when that twin is not run), the
+process's peak RSS while that variant ran (includes the other variants' resident state) and the
+step's growth over it.
+
+Both frameworks get the same threads: XLA's CPU pool has one per CPU this process may use, torch
+gets as many unless --threads says otherwise. The PyTorch twins keep PyTorch's default contiguous
+(NCHW) layout: channels_last was no faster (idle CPU, 256x384, 5 interleaved steps: IMSAHLO 3.11
+against 3.14 s, U-Net 1.18 against 1.12 s; at 512x768 within the noise); --torch-layout
+channels_last re-measures.
 
   python benchmarks/train_step.py                      # 512x768, batch 2, 5 steps
   python benchmarks/train_step.py --size 128x192 --steps 3 --variants jax-lax,jax-conv2d
+  python benchmarks/train_step.py --variants unet,torch,imsahlo,torch-imsahlo
+  python benchmarks/train_step.py --check              # torch-imsahlo computes what imsahlo does
 """
 
 from __future__ import annotations
@@ -30,8 +50,9 @@ import os
 import resource
 import statistics
 import time
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -44,10 +65,30 @@ from neuroseg_jax.models import conv as conv_module
 
 LEVEL_CHANNELS = (32, 64, 128, 256)
 NORM_GROUPS = 8
-ALL_VARIANTS = ("jax-lax", "jax-conv2d", "torch", "unet", "unet-lax", "imsahlo", "imsahlo-lax")
+ALL_VARIANTS = (
+    "jax-lax",
+    "jax-conv2d",
+    "torch",
+    "unet",
+    "unet-lax",
+    "imsahlo",
+    "imsahlo-lax",
+    "torch-imsahlo",
+)
+# Whose XLA FLOP count a variant's GFLOP/s uses, best first (the variant's own count comes last):
+# the plain-lax twin, because XLA counts the conv2d kernel gradient differently.
+FLOP_SOURCES = {
+    "jax-conv2d": ("jax-lax",),
+    "torch": ("jax-lax", "jax-conv2d"),
+    "unet": ("unet-lax",),
+    "imsahlo": ("imsahlo-lax",),
+    "torch-imsahlo": ("imsahlo-lax", "imsahlo"),
+}
 
 
-def lax_conv2d(inputs, kernel, *, strides=(1, 1), padding="SAME", dilation=(1, 1), groups=1):
+def lax_conv2d(
+    inputs, kernel, *, strides=(1, 1), padding="SAME", dilation=(1, 1), groups=1
+):
     """Plain XLA convolution with conv2d's signature: the baseline whose gradients XLA derives."""
     return lax.conv_general_dilated(
         inputs,
@@ -75,7 +116,12 @@ class BenchConv(nn.Module):
             (self.kernel_size, self.kernel_size, x.shape[-1], self.features),
         )
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        return self.conv_fn(x, kernel, strides=(1, 1), padding="SAME", dilation=(1, 1), groups=1) + bias
+        return (
+            self.conv_fn(
+                x, kernel, strides=(1, 1), padding="SAME", dilation=(1, 1), groups=1
+            )
+            + bias
+        )
 
 
 class BenchUNet(nn.Module):
@@ -101,47 +147,18 @@ class BenchUNet(nn.Module):
             x = BenchConv(4 * channels, 1, self.conv_fn)(x)
             batch, height, width, _ = x.shape
             x = x.reshape(batch, height, width, 2, 2, channels)
-            x = x.transpose(0, 1, 3, 2, 4, 5).reshape(batch, 2 * height, 2 * width, channels)
+            x = x.transpose(0, 1, 3, 2, 4, 5).reshape(
+                batch, 2 * height, 2 * width, channels
+            )
             x = self.block(jnp.concatenate([x, skip], axis=-1), channels)
         return BenchConv(1, 1, self.conv_fn)(x)
 
 
-def build_torch_unet(torch: Any) -> Any:
-    """The PyTorch twin of BenchUNet (NCHW), ConvTranspose2d(k=2, s=2) for upsampling."""
-    nn_t = torch.nn
-
-    def block(cin: int, cout: int) -> Any:
-        return nn_t.Sequential(
-            nn_t.Conv2d(cin, cout, 3, padding=1), nn_t.GroupNorm(NORM_GROUPS, cout), nn_t.ReLU(inplace=True),
-            nn_t.Conv2d(cout, cout, 3, padding=1), nn_t.GroupNorm(NORM_GROUPS, cout), nn_t.ReLU(inplace=True),
-        )
-
-    class TorchUNet(nn_t.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            channels = LEVEL_CHANNELS
-            self.down = nn_t.ModuleList(
-                [block(cin, cout) for cin, cout in zip((1,) + channels[:-2], channels[:-1])]
-            )
-            self.bottom = block(channels[-2], channels[-1])
-            self.up = nn_t.ModuleList(
-                [nn_t.ConvTranspose2d(cin, cout, 2, stride=2) for cin, cout in zip(channels[:0:-1], channels[-2::-1])]
-            )
-            self.up_blocks = nn_t.ModuleList([block(2 * cout, cout) for cout in channels[-2::-1]])
-            self.head = nn_t.Conv2d(channels[0], 1, 1)
-
-        def forward(self, x: Any) -> Any:
-            skips = []
-            for down in self.down:
-                x = down(x)
-                skips.append(x)
-                x = torch.nn.functional.max_pool2d(x, 2)
-            x = self.bottom(x)
-            for up, up_block, skip in zip(self.up, self.up_blocks, reversed(skips)):
-                x = up_block(torch.cat([up(x), skip], dim=1))
-            return self.head(x)
-
-    return TorchUNet()
+def cpu_jiffies() -> list[int]:
+    """This machine's CPU time counters from /proc/stat (user, nice, system, idle, iowait, irq,
+    softirq, steal, ...); steal is time the hypervisor gave this VM's CPUs to someone else."""
+    with open("/proc/stat") as handle:
+        return [int(value) for value in handle.readline().split()[1:9]]
 
 
 class PeakRss:
@@ -169,15 +186,28 @@ class PeakRss:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def jax_step_runner(model: nn.Module, images: np.ndarray, labels: np.ndarray, apply_kwargs: dict):
+def parameter_count(params: Any) -> int:
+    return sum(leaf.size for leaf in jax.tree_util.tree_leaves(params))
+
+
+def jax_step_runner(
+    model: nn.Module, images: np.ndarray, labels: np.ndarray, apply_kwargs: dict
+):
     """Returns (run_one_step, xla_flops, n_params) for a jitted Adam step of `model`."""
     tx = optax.adam(1e-3)
-    variables = model.init(jax.random.PRNGKey(0), jnp.asarray(images[:1]), **apply_kwargs)
+    variables = model.init(
+        jax.random.PRNGKey(0), jnp.asarray(images[:1]), **apply_kwargs
+    )
     params = variables["params"]
     opt_state = tx.init(params)
 
     def loss_fn(params, images, labels):
-        logits = model.apply({"params": params}, images, rngs={"dropout": jax.random.PRNGKey(1)}, **apply_kwargs)
+        logits = model.apply(
+            {"params": params},
+            images,
+            rngs={"dropout": jax.random.PRNGKey(1)},
+            **apply_kwargs,
+        )
         return optax.sigmoid_binary_cross_entropy(logits[..., 0], labels).mean()
 
     @partial(jax.jit, donate_argnums=(0, 1))
@@ -193,17 +223,44 @@ def jax_step_runner(model: nn.Module, images: np.ndarray, labels: np.ndarray, ap
     state = {"params": params, "opt_state": opt_state}
 
     def run() -> None:
-        state["params"], state["opt_state"], loss = compiled(state["params"], state["opt_state"], images, labels)
+        state["params"], state["opt_state"], loss = compiled(
+            state["params"], state["opt_state"], images, labels
+        )
         loss.block_until_ready()
 
-    n_params = sum(leaf.size for leaf in jax.tree_util.tree_leaves(params))
-    return run, float(cost.get("flops", float("nan"))), n_params
+    return run, float(cost.get("flops", float("nan"))), parameter_count(params)
 
 
-def torch_step_runner(torch: Any, images: np.ndarray, labels: np.ndarray):
-    model = build_torch_unet(torch)
+def registry_model(name: str) -> nn.Module:
+    """`create_model(name)` as the benchmark configures it: one output channel, float32."""
+    from neuroseg_jax.models import create_model
+
+    return create_model(name, num_classes=1)
+
+
+def build_torch_twin(name: str, in_channels: int) -> Any:
+    """The PyTorch network of variant `name`; ImportError without torch."""
+    import torch_models
+
+    if name == "torch":
+        return torch_models.TorchUNet(LEVEL_CHANNELS, NORM_GROUPS)
+    return torch_models.TorchIMSAHLO(registry_model("imsahlo"), in_channels)
+
+
+def torch_step_runner(
+    model: Any, images: np.ndarray, labels: np.ndarray, channels_last: bool
+):
+    """Returns (run_one_step, n_params) for an eager Adam step of `model` (NCHW)."""
+    import torch
+
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    x = (
+        torch.from_numpy(images)
+        .permute(0, 3, 1, 2)
+        .contiguous(memory_format=memory_format)
+    )
     y = torch.from_numpy(labels)
 
     def run() -> None:
@@ -215,21 +272,35 @@ def torch_step_runner(torch: Any, images: np.ndarray, labels: np.ndarray):
     return run, sum(p.numel() for p in model.parameters())
 
 
-def build_variant(name: str, images: np.ndarray, labels: np.ndarray, args: argparse.Namespace):
+def build_variant(
+    name: str, images: np.ndarray, labels: np.ndarray, args: argparse.Namespace
+):
     """Returns (run, flops or None, n_params) for variant `name`."""
-    if name == "torch":
+    if name.startswith("torch"):
         import torch
 
         torch.set_num_threads(args.threads)
-        run, n_params = torch_step_runner(torch, images, labels)
+        twin = build_torch_twin(name, images.shape[-1])
+        run, n_params = torch_step_runner(
+            twin, images, labels, args.torch_layout == "channels_last"
+        )
+        if name == "torch-imsahlo":
+            shapes = jax.eval_shape(
+                registry_model("imsahlo").init, jax.random.PRNGKey(0), images[:1]
+            )
+            jax_params = parameter_count(shapes["params"])
+            if n_params != jax_params:
+                raise RuntimeError(
+                    f"torch-imsahlo has {n_params} parameters, JAX imsahlo {jax_params}"
+                )
         return run, None, n_params
     if name in ("jax-lax", "jax-conv2d"):
         conv_fn = lax_conv2d if name == "jax-lax" else conv_module.conv2d
         return jax_step_runner(BenchUNet(conv_fn), images, labels, {})
-    from neuroseg_jax.models import create_model, layers
+    from neuroseg_jax.models import layers
 
     model_name, _, baseline = name.partition("-")
-    model = create_model(model_name, num_classes=1)
+    model = registry_model(model_name)
     original = layers.conv2d
     layers.conv2d = lax_conv2d if baseline else conv_module.conv2d
     try:  # the conv function is looked up when the step is traced, i.e. inside jax_step_runner
@@ -238,14 +309,103 @@ def build_variant(name: str, images: np.ndarray, labels: np.ndarray, args: argpa
         layers.conv2d = original
 
 
+def check_imsahlo_twin(height: int = 64, width: int = 96) -> None:
+    """Copies JAX IMSAHLO parameters into torch-imsahlo; compares parameter counts, logits and the
+    loss gradients of every parameter (inference mode: no dropout). Exits 1 on a mismatch."""
+    import torch
+    import torch_models
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
+    model = registry_model("imsahlo")
+    rng = np.random.default_rng(0)
+    images = rng.random((1, height, width, 1), dtype=np.float32)
+    labels = (rng.random((1, height, width)) > 0.7).astype(np.float32)
+    initial = flatten_dict(
+        model.init(jax.random.PRNGKey(0), jnp.asarray(images))["params"]
+    )
+    # Perturbed so that GroupNorm scales (initially 1) and biases (initially 0) differ from each
+    # other; flatten/unflatten keep the creation order that load_flax_params pairs by.
+    params = unflatten_dict(
+        {
+            path: value + 0.1 * rng.standard_normal(value.shape, dtype=np.float32)
+            for path, value in initial.items()
+        }
+    )
+    twin = torch_models.TorchIMSAHLO(model, images.shape[-1]).eval()
+    torch_models.load_flax_params(twin, params)
+    jax_count = parameter_count(params)
+    torch_count = sum(p.numel() for p in twin.parameters())
+
+    def jax_loss(params):
+        logits = model.apply({"params": params}, images)
+        return optax.sigmoid_binary_cross_entropy(logits[..., 0], labels).mean(), logits
+
+    (_, logits), grads = jax.value_and_grad(jax_loss, has_aux=True)(params)
+    torch_logits = twin(torch.from_numpy(images).permute(0, 3, 1, 2))
+    torch.nn.functional.binary_cross_entropy_with_logits(
+        torch_logits[:, 0], torch.from_numpy(labels)
+    ).backward()
+    logit_difference = float(
+        np.abs(
+            np.asarray(logits) - torch_logits.detach().permute(0, 2, 3, 1).numpy()
+        ).max()
+    )
+    # jax.grad returns the keys sorted; paired_parameters needs the creation order back.
+    flat_grads = flatten_dict(grads)
+    ordered_grads = unflatten_dict({path: flat_grads[path] for path in initial})
+    gradient_difference = max(
+        float(np.abs(jax_grad - param.grad.numpy()).max() / np.abs(jax_grad).max())
+        for _, jax_grad, param in torch_models.paired_parameters(twin, ordered_grads)
+    )
+    print(
+        f"imsahlo 1x{height}x{width}: parameters JAX {jax_count}, PyTorch {torch_count}; "
+        f"max |logit difference| {logit_difference:.2e} (logits up to {float(np.abs(logits).max()):.2f}); "
+        f"max gradient difference relative to the parameter's largest gradient {gradient_difference:.2e}"
+    )
+    if (
+        jax_count != torch_count
+        or logit_difference > 1e-4
+        or gradient_difference > 1e-3
+    ):
+        raise SystemExit("torch-imsahlo does not match JAX imsahlo")
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size", default="512x768", help="HxW, multiples of 16")
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (median)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (XLA uses all cores)")
-    parser.add_argument("--variants", default="jax-lax,jax-conv2d,torch", help=f"comma list of {ALL_VARIANTS}")
+    parser.add_argument(
+        "--steps", type=int, default=5, help="timed steps per variant (median)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="torch threads (default: the CPUs this process may use, the size of XLA's CPU thread pool)",
+    )
+    parser.add_argument(
+        "--torch-layout",
+        choices=("channels_last", "contiguous"),
+        default="contiguous",
+        help="memory format of the PyTorch twins (channels_last measured no faster, see above)",
+    )
+    parser.add_argument(
+        "--variants",
+        default="jax-lax,jax-conv2d,torch",
+        help=f"comma list of {ALL_VARIANTS}",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="only check torch-imsahlo against JAX imsahlo",
+    )
     args = parser.parse_args()
+    if args.check:
+        check_imsahlo_twin()
+        return
+    load_before = os.getloadavg()[0]
     height, width = (int(v) for v in args.size.lower().split("x"))
     names = [n for n in args.variants.split(",") if n]
     unknown = sorted(set(names) - set(ALL_VARIANTS))
@@ -259,7 +419,9 @@ def main() -> None:
     runners, flops, params = {}, {}, {}
     for name in names:
         try:
-            runners[name], flops[name], params[name] = build_variant(name, images, labels, args)
+            runners[name], flops[name], params[name] = build_variant(
+                name, images, labels, args
+            )
         except ImportError as error:
             print(f"skipping {name}: {error}")
         else:
@@ -268,6 +430,7 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in runners}
     peaks: dict[str, float] = {name: 0.0 for name in runners}
     step_growth: dict[str, float] = {name: 0.0 for name in runners}
+    jiffies_before = cpu_jiffies()
     for round_index in range(args.steps + 1):  # round 0 is the warm-up
         for name, run in runners.items():
             peak.reset()
@@ -282,27 +445,37 @@ def main() -> None:
             print(f"round {round_index} {name}: {elapsed:.3f} s", flush=True)
 
     def reference_flops(name: str) -> float:
-        """XLA's count for the plain-lax twin: the custom kernel gradient is counted differently."""
-        twin = {"jax-conv2d": "jax-lax", "torch": "jax-lax", "unet": "unet-lax", "imsahlo": "imsahlo-lax"}.get(name, name)
-        return flops.get(twin) or flops.get(name) or float("nan")
+        for source in (*FLOP_SOURCES.get(name, ()), name):
+            if flops.get(source):
+                return flops[source]
+        return float("nan")
 
+    jiffies = [after - before for after, before in zip(cpu_jiffies(), jiffies_before)]
     medians = {name: statistics.median(samples) for name, samples in times.items()}
-    baseline = "torch" if "torch" in medians else next(iter(medians))
+
+    def ratio_reference(name: str) -> str:
+        """The PyTorch twin of the same network, or the first variant when that did not run."""
+        twin = "torch-imsahlo" if "imsahlo" in name else "torch"
+        return twin if twin in medians else next(iter(medians))
+
     print(
         f"\ntrain step {args.batch}x{height}x{width}, {args.steps} steps, median; "
-        f"CPU threads: {os.cpu_count()}, torch threads: {args.threads}; "
+        f"1-minute load average before the run: {load_before:.1f}, CPU time stolen by the "
+        f"hypervisor during the steps: {100 * jiffies[7] / sum(jiffies):.0f}%; "
+        f"XLA threads: {len(os.sched_getaffinity(0))}, torch threads: {args.threads} ({args.torch_layout}); "
         f"RSS: process peak {'during the variant' if peak.resettable else 'over the run'}, "
         f"and its growth over the resident size before the step (the step's temporaries)"
     )
     print(
-        f"{'variant':13s} {'params':>9s} {'s/step':>8s} {'GFLOP':>8s} {'GFLOP/s':>8s} {'/' + baseline:>10s} "
+        f"{'variant':13s} {'params':>9s} {'s/step':>8s} {'GFLOP':>8s} {'GFLOP/s':>8s} {'ratio':>6s} {'to':13s} "
         f"{'RSS MiB':>8s} {'+step':>7s}"
     )
     for name, median in medians.items():
         work = reference_flops(name)
+        reference = ratio_reference(name)
         print(
             f"{name:13s} {params[name]:9d} {median:8.3f} {work / 1e9:8.1f} {work / median / 1e9:8.1f} "
-            f"{median / medians[baseline]:10.2f} {peaks[name]:8.0f} {step_growth[name]:7.0f}"
+            f"{median / medians[reference]:6.2f} {reference:13s} {peaks[name]:8.0f} {step_growth[name]:7.0f}"
         )
 
 
