@@ -130,8 +130,10 @@ def test_vmap_shared_kernel_with_chunks(monkeypatch):
         assert_close(got, want)
 
 
-def test_bfloat16_gradients_keep_dtypes():
-    x, kernel = random_pair((1, 6, 6, 4), (3, 3, 4, 4))
+@pytest.mark.parametrize("kernel_size,threshold", [(3, 0), (3, 1 << 40), (1, 1 << 40)])  # matmul, native, pointwise
+def test_bfloat16_gradients_keep_dtypes(kernel_size, threshold, monkeypatch):
+    monkeypatch.setattr(conv, "MATMUL_KERNEL_GRAD_MIN_BYTES", threshold)
+    x, kernel = random_pair((2, 16, 16, 32), (kernel_size, kernel_size, 32, 32))  # large enough for a dot thunk
     x, kernel = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
     grads = jax.jit(jax.grad(lambda a, b: jnp.sum(conv2d(a, b).astype(jnp.float32)), (0, 1)))(x, kernel)
     expected = jax.jit(

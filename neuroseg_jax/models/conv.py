@@ -257,9 +257,9 @@ def _kernel_grad_matmul(inputs, out_grad, *, kernel_shape, strides, pads, dilati
 
 def _contract_positions(left: jax.Array, right: jax.Array) -> jax.Array:
     """(N, h, w, A), (N, h, w, B) -> (A, B) summed over all positions, accumulated in float32."""
+    # Float32 operands: XLA's CPU dot has no bf16 x bf16 -> f32 kernel (and this runs on CPU only).
     return lax.dot_general(
-        left.reshape(-1, left.shape[-1]),
-        right.reshape(-1, right.shape[-1]),
+        left.reshape(-1, left.shape[-1]).astype(jnp.float32),
+        right.reshape(-1, right.shape[-1]).astype(jnp.float32),
         (((0,), (0,)), ((), ())),
-        preferred_element_type=jnp.float32,
     )
