@@ -27,7 +27,8 @@ Prints s/step (median of --steps after one warm-up step), GFLOP/s against XLA's 
 the plain-lax twin (jax-lax for jax-conv2d and torch, unet-lax for unet, imsahlo-lax for imsahlo
 and torch-imsahlo; when that twin is not run, the conv2d variant's count, which counts the custom
 kernel gradient differently), the ratio to the PyTorch twin of the same network (torch-imsahlo
-for the imsahlo rows, torch for the U-Net rows; the first variant when that twin is not run), the
+for the imsahlo rows, torch for jax-lax and jax-conv2d; the first variant for unet and unet-lax,
+the wider registry U-Net that has no twin, and when the twin is not run), the
 process's peak RSS while that variant ran (includes the other variants' resident state) and the
 step's growth over it.
 
@@ -454,9 +455,11 @@ def main() -> None:
     medians = {name: statistics.median(samples) for name, samples in times.items()}
 
     def ratio_reference(name: str) -> str:
-        """The PyTorch twin of the same network, or the first variant when that did not run."""
-        twin = "torch-imsahlo" if "imsahlo" in name else "torch"
-        return twin if twin in medians else next(iter(medians))
+        """The PyTorch twin of the same network, or the first variant when there is none (the
+        registry `unet` is wider than the benchmark U-Net that `torch` mirrors) or it did not run."""
+        twin = {"jax-lax": "torch", "jax-conv2d": "torch", "torch": "torch"}
+        twin |= {"imsahlo": "torch-imsahlo", "imsahlo-lax": "torch-imsahlo", "torch-imsahlo": "torch-imsahlo"}
+        return twin[name] if twin.get(name) in medians else next(iter(medians))
 
     print(
         f"\ntrain step {args.batch}x{height}x{width}, {args.steps} steps, median; "
