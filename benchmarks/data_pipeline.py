@@ -47,7 +47,8 @@ def pipeline_config(args: argparse.Namespace, *, augment: bool, worker_count: in
     config = load_config(args.config)
     for override in args.config_override:
         key, _, value = override.partition("=")
-        config.data[key.removeprefix("data.")] = type(config.data[key.removeprefix("data.")])(value)
+        key = key.removeprefix("data.")
+        config.data[key] = type(config.data[key])(value)
     config.data.worker_count = worker_count
     if config.data.source == "synthetic":
         config.data.synthetic.num_images = 64
@@ -84,8 +85,7 @@ def measure_loader(config, *, batch_size: int, windows: int, batches: int) -> tu
             next(iterator)
             peak = max(peak, _tree_rss_mib(process))
         rates.append(batches * batch_size / (time.perf_counter() - start))
-    if hasattr(iterator, "close"):
-        iterator.close()
+    iterator.close()
     return statistics.median(rates), peak
 
 
