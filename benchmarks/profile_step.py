@@ -44,12 +44,13 @@ def hlo_index(hlo_text: str) -> tuple[dict, dict]:
     return instructions, {m.group(1): m.group(2) for m in _COMPUTATION.finditer(hlo_text)}
 
 
-def op_kind(opcode: str, body: str) -> str:
-    """The kind of work of one executed op (its opcode and, for fusions, the opcodes inside)."""
+def op_kind(opcode: str, body: str, line: str) -> str:
+    """The kind of work of one executed op (its opcode and, for fusions, the opcodes inside; on GPUs
+    convolutions and matrix products are library calls named in the HLO line)."""
     inner = set(_OPCODE.findall(body)) | {opcode}
-    if "convolution" in inner:
+    if "convolution" in inner or "cudnn$conv" in line:
         return "convolution"
-    if "dot" in inner:
+    if "dot" in inner or "gemm" in line.lower():
         return "dot"
     if "reduce" in inner or "reduce-window" in inner:
         return "reduce"
@@ -100,7 +101,7 @@ def main() -> None:
     listed = collections.defaultdict(list)
     for name, milliseconds in durations.items():
         opcode, shape, called, line = instructions[name]
-        kind = op_kind(opcode, computations.get(called, ""))
+        kind = op_kind(opcode, computations.get(called, ""), line)
         by_kind[kind] += milliseconds
         origins = _OP_NAME.findall(line + computations.get(called, ""))
         listed["convolution" if kind == "convolution" else "other"].append(

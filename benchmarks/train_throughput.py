@@ -28,6 +28,8 @@ _CONFIGS = flags.DEFINE_list("configs", ["imsahlo", "morphoseg:data=synthetic"],
                              "configs/NAME.py arguments, 'NAME:ARGS' each.")
 _BATCH = flags.DEFINE_integer("batch_size", 2, "Global batch size (the papers use 16 and 24; CPUs cannot).")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps after the warm-up step.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                           "config.model.dtype: bfloat16 = mixed precision (float32 parameters).")
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Device peak TFLOP/s for model FLOP utilisation (0: skip).")
 
 
@@ -44,6 +46,16 @@ def load_config(spec: str):
     return importlib.import_module(f"configs.{name}").get_config(arg or None)
 
 
+def step_flops(config, trainer, host_batch) -> float:
+    """XLA's FLOP count of the train step as lowered for the host CPU, whatever the device: a GPU
+    executable's count leaves out the convolutions and matrix products handed to cuDNN and cuBLAS."""
+    if jax.devices()[0].platform != "cpu":
+        trainer = loop.build_trainer(config, devices=jax.devices("cpu")[:1])
+    batch = sharding.global_batch(host_batch, trainer.mesh)
+    cost = trainer.train_step.lower(trainer.state, batch, trainer.step_rng).cost_analysis()
+    return float((cost or {}).get("flops", float("nan")))
+
+
 def measure_train_step(config, batch_size: int, steps: int) -> dict:
     """Median seconds of ``config``'s train step over ``steps`` steps after a warm-up (compile) step,
     on synthetic images of the config's crop size (same shapes as its real data)."""
@@ -54,9 +66,9 @@ def measure_train_step(config, batch_size: int, steps: int) -> dict:
     config.data.patches.enabled = False
     trainer = loop.build_trainer(config)
     batches = iter(data.make_loader(config.data, "train", batch_size=batch_size, seed=0))
-    batch = sharding.global_batch(next(batches), trainer.mesh)
-    compiled = trainer.train_step.lower(trainer.state, batch, trainer.step_rng).compile()
-    flops = (compiled.cost_analysis() or {}).get("flops", float("nan"))
+    host_batch = next(batches)
+    flops = step_flops(config, trainer, host_batch)
+    batch = sharding.global_batch(host_batch, trainer.mesh)
     state, metrics = trainer.train_step(trainer.state, batch, trainer.step_rng)
     jax.block_until_ready(metrics)
     times = []
@@ -74,9 +86,12 @@ def measure_train_step(config, batch_size: int, steps: int) -> dict:
 
 def main(argv):
     del argv
-    rows = [{"config": spec, **measure_train_step(load_config(spec), _BATCH.value, _STEPS.value)}
-            for spec in _CONFIGS.value]
-    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, batch {_BATCH.value}, "
+    rows = []
+    for spec in _CONFIGS.value:
+        config = load_config(spec)
+        config.model.dtype = _DTYPE.value
+        rows.append({"config": spec, **measure_train_step(config, _BATCH.value, _STEPS.value)})
+    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, {_DTYPE.value}, batch {_BATCH.value}, "
           f"median of {_STEPS.value} steps")
     header = f"{'config':34} {'size':>9} {'s/step':>8} {'img/s':>7} {'GFLOP/step':>11} {'GFLOP/s':>8} " \
              f"{'MFU':>6} {'peak MiB':>9} {'vs first':>8}"

@@ -162,6 +162,29 @@ def test_native_kernel_gradient_branch_matches():
 
 
 @pytest.mark.parametrize(
+    "input_shape, kernel_shape, padding, dilation",
+    [
+        ((2, 9, 11, 3), (3, 3, 3, 5), "SAME", (2, 2)),  # Ho, Wo not multiples of the dilation
+        ((1, 16, 24, 4), (3, 3, 4, 2), "SAME", (4, 4)),
+        ((2, 13, 10, 2), (3, 2, 2, 3), "VALID", (3, 2)),  # input rows no output reaches
+        ((1, 12, 11, 2), (5, 3, 2, 2), ((1, 4), (0, 3)), (2, 3)),
+        ((1, 8, 8, 2), (3, 3, 2, 2), ((-1, 2), (2, -1)), (2, 2)),  # negative pads crop
+    ],
+)
+def test_gpu_dilated_kernel_gradient_matches(input_shape, kernel_shape, padding, dilation):
+    """The NVIDIA/AMD branch for dilated convolutions (phase images on the batch axis), run on CPU,
+    against the kernel gradient of the plain convolution."""
+    x, kernel = random_pair(input_shape, kernel_shape)
+    pads = conv._explicit_pads(x.shape, kernel.shape, (1, 1), dilation, padding)
+    grad = jnp.cos(plain_conv(x, kernel, (1, 1), pads, dilation, 1))
+    (want,) = jax.vjp(lambda k: plain_conv(x, k, (1, 1), pads, dilation, 1), kernel)[1](grad)
+    phases = partial(conv._kernel_grad_dilation_phases, kernel=kernel, pads=pads, dilation=dilation)
+    assert_close(jax.jit(phases)(x, grad), want)
+    bf16 = partial(conv._kernel_grad_dilation_phases, kernel=kernel.astype(jnp.bfloat16), pads=pads, dilation=dilation)
+    assert jax.jit(bf16)(x.astype(jnp.bfloat16), grad.astype(jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize(
     "kwargs, message",
     [
         (dict(strides=(0, 1)), "strides"),

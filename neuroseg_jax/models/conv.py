@@ -31,7 +31,13 @@ Small maps keep XLA's kernel gradient, which is faster while one image's cotange
 single matrix product on the CPU.
 
 The input gradient stays XLA's transposed convolution: measured at 80-190 GFLOP/s
-(uncontended), as fast as the forward pass. On GPU/TPU (`lax.platform_dependent`) the kernel gradient is XLA's own.
+(uncontended), as fast as the forward pass. On GPU/TPU (`lax.platform_dependent`) the kernel
+gradient is XLA's own, except for dilated convolutions on NVIDIA/AMD GPUs: XLA's GPU compiler does
+not recognise their kernel gradient as cuDNN's backward-filter convolution and runs it as a forward
+convolution whose window is the whole image (seen in IMSAHLO's compiled step on an H100: 512x768
+windows with 2 GB of cuDNN workspace, and the step 11x slower than a U-Net of similar FLOPs). There
+the dilation is moved into the batch instead (`_kernel_grad_dilation_phases`), which leaves an
+undilated kernel gradient that cuDNN's backward filter takes.
 Grouped convolutions (groups > 1) use JAX's native autodiff on every platform.
 """
 
@@ -162,6 +168,10 @@ def _conv_fast_grad_bwd(strides, pads, dilation, residuals, out_grad):
     )(out_grad)
     native = partial(_kernel_grad_native, kernel=kernel, strides=strides, pads=pads, dilation=dilation)
     _, ho, wo, cout = out_grad.shape
+    gpu_kernel_grad = native
+    if dilation != (1, 1) and strides == (1, 1):
+        def gpu_kernel_grad(x, g):
+            return _kernel_grad_dilation_phases(x, g, kernel=kernel, pads=pads, dilation=dilation)
     pointwise = kernel.shape[:2] == (1, 1) and strides == (1, 1) and pads == ((0, 0), (0, 0))
     if pointwise:
         # A 1x1 convolution's kernel gradient is one matrix product; XLA's CPU convolution form
@@ -172,10 +182,15 @@ def _conv_fast_grad_bwd(strides, pads, dilation, residuals, out_grad):
         def cpu_kernel_grad(x, g):
             return _kernel_grad_matmul(x, g, kernel_shape=kernel.shape, strides=strides, pads=pads, dilation=dilation)
     else:
-        return inputs_grad, native(inputs, out_grad)
-    # Both branches must return the kernel's dtype; the products accumulate in float32.
+        cpu_kernel_grad = native
+    # Every branch must return the kernel's dtype; the CPU products accumulate in float32.
     kernel_grad = lax.platform_dependent(
-        inputs, out_grad, cpu=lambda x, g: cpu_kernel_grad(x, g).astype(kernel.dtype), default=native
+        inputs,
+        out_grad,
+        cpu=lambda x, g: cpu_kernel_grad(x, g).astype(kernel.dtype),
+        cuda=gpu_kernel_grad,
+        rocm=gpu_kernel_grad,
+        default=native,
     )
     return inputs_grad, kernel_grad
 
@@ -189,6 +204,44 @@ def _kernel_grad_native(inputs, out_grad, *, kernel, strides, pads, dilation):
         lambda k: _lax_conv(inputs, k, strides, pads, dilation), kernel
     )(out_grad)
     return kernel_grad
+
+
+def _kernel_grad_dilation_phases(inputs, out_grad, *, kernel, pads, dilation):
+    """Kernel gradient of a stride-1 dilated convolution as an undilated one over phase images.
+
+    With output rows y = dh*u + a (a < dh) and columns x = dw*v + b, the input pixel a kernel tap
+    (i, j) meets, x_pad[dh*(u + i) + a, dw*(v + j) + b], is pixel (u + i, v + j) of the phase image
+    x_pad[a::dh, b::dw]. So dK is the undilated VALID kernel gradient of the dh*dw phase images
+    stacked on the batch axis against the matching phases of the cotangent.
+    """
+    kh, kw = kernel.shape[:2]
+    (dh, dw) = dilation
+    n, ho, wo, _ = out_grad.shape
+    ho_padded, wo_padded = -(-ho // dh) * dh, -(-wo // dw) * dw
+    # Zero cotangent rows/columns (they add nothing) make Ho, Wo multiples of the dilation; the
+    # input is cropped or zero-padded to the rows and columns those outputs reach.
+    grads = jnp.pad(out_grad, ((0, 0), (0, ho_padded - ho), (0, wo_padded - wo), (0, 0)))
+    height, width = ho_padded + (kh - 1) * dh, wo_padded + (kw - 1) * dw
+    x = lax.pad(
+        inputs,
+        jnp.zeros((), inputs.dtype),
+        ((0, 0, 0), (pads[0][0], pads[0][1], 0), (pads[1][0], pads[1][1], 0), (0, 0, 0)),
+    )
+    x = lax.pad(
+        x[:, :height, :width],
+        jnp.zeros((), inputs.dtype),
+        ((0, 0, 0), (0, max(0, height - x.shape[1]), 0), (0, max(0, width - x.shape[2]), 0), (0, 0, 0)),
+    )
+
+    def phases(array: jax.Array) -> jax.Array:
+        """(N, dh*H, dw*W, C) -> (dh*dw*N, H, W, C), phase (a, b) holding array[:, a::dh, b::dw]."""
+        _, rows, cols, channels = array.shape
+        split = array.reshape(n, rows // dh, dh, cols // dw, dw, channels)
+        return split.transpose(2, 4, 0, 1, 3, 5).reshape(dh * dw * n, rows // dh, cols // dw, channels)
+
+    return _kernel_grad_native(
+        phases(x), phases(grads), kernel=kernel, strides=(1, 1), pads=((0, 0), (0, 0)), dilation=(1, 1)
+    )
 
 
 def _kernel_grad_matmul(inputs, out_grad, *, kernel_shape, strides, pads, dilation, chunk_positions=None):
