@@ -97,9 +97,9 @@ def main() -> None:
             for event in line.events:
                 if event.name in instructions:
                     durations[event.name] += event.duration_ns / 1e6
-    if not durations:
-        raise SystemExit(f"no event of the {jax.devices()[0].platform} trace carries an HLO instruction name of the "
-                         "compiled step (GPU traces name kernels instead; this tool reads CPU traces)")
+    if sum(durations.values()) < 0.1 * seconds * 1e3:
+        raise SystemExit(f"the {jax.devices()[0].platform} trace's events named after the compiled step's HLO "
+                         "instructions cover under 10% of the step (GPU traces name kernels; this tool reads CPU traces)")
     by_kind = collections.Counter()
     listed = collections.defaultdict(list)
     for name, milliseconds in durations.items():
