@@ -215,7 +215,7 @@ def _kernel_grad_dilation_phases(inputs, out_grad, *, kernel, pads, dilation):
     stacked on the batch axis against the matching phases of the cotangent.
     """
     kh, kw = kernel.shape[:2]
-    (dh, dw) = dilation
+    dh, dw = dilation
     n, ho, wo, _ = out_grad.shape
     ho_padded, wo_padded = -(-ho // dh) * dh, -(-wo // dw) * dw
     # Zero cotangent rows/columns (they add nothing) make Ho, Wo multiples of the dilation; the
