@@ -222,15 +222,12 @@ def _kernel_grad_dilation_phases(inputs, out_grad, *, kernel, pads, dilation):
     # input is cropped or zero-padded to the rows and columns those outputs reach.
     grads = jnp.pad(out_grad, ((0, 0), (0, ho_padded - ho), (0, wo_padded - wo), (0, 0)))
     height, width = ho_padded + (kh - 1) * dh, wo_padded + (kw - 1) * dw
+    # The high pads (negative = crop) end the padded input exactly at `height` x `width`.
+    top, left = pads[0][0], pads[1][0]
     x = lax.pad(
         inputs,
         jnp.zeros((), inputs.dtype),
-        ((0, 0, 0), (pads[0][0], pads[0][1], 0), (pads[1][0], pads[1][1], 0), (0, 0, 0)),
-    )
-    x = lax.pad(
-        x[:, :height, :width],
-        jnp.zeros((), inputs.dtype),
-        ((0, 0, 0), (0, max(0, height - x.shape[1]), 0), (0, max(0, width - x.shape[2]), 0), (0, 0, 0)),
+        ((0, 0, 0), (top, height - inputs.shape[1] - top, 0), (left, width - inputs.shape[2] - left, 0), (0, 0, 0)),
     )
 
     def phases(array: jax.Array) -> jax.Array:
