@@ -219,10 +219,9 @@ def _kernel_grad_dilation_phases(inputs, out_grad, *, kernel, pads, dilation):
     n, ho, wo, _ = out_grad.shape
     ho_padded, wo_padded = -(-ho // dh) * dh, -(-wo // dw) * dw
     # Zero cotangent rows/columns (they add nothing) make Ho, Wo multiples of the dilation; the
-    # input is cropped or zero-padded to the rows and columns those outputs reach.
+    # input is cropped or zero-padded (negative or positive high pads) to the rows and columns those outputs reach.
     grads = jnp.pad(out_grad, ((0, 0), (0, ho_padded - ho), (0, wo_padded - wo), (0, 0)))
     height, width = ho_padded + (kh - 1) * dh, wo_padded + (kw - 1) * dw
-    # The high pads (negative = crop) end the padded input exactly at `height` x `width`.
     top, left = pads[0][0], pads[1][0]
     x = lax.pad(
         inputs,
