@@ -26,6 +26,7 @@ import numpy as np
 import optax
 
 from neuroseg_jax.models import create_model
+from neuroseg_jax.train import reuse_freed_host_memory
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ([\w\-]+)\((.*)$", re.M)
 _COMPUTATION = re.compile(r"^%?([\w.\-]+) .*?\{\n(.*?)\n\}", re.M | re.S)
@@ -69,6 +70,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--top", type=int, default=12, help="slowest ops listed per group")
     args = parser.parse_args()
+    reuse_freed_host_memory()  # as launch/train.py does, so page faults do not inflate the op times
     height, width = (int(v) for v in args.size.split("x"))
     model = create_model(args.model, num_classes=1, width=args.width)
     rng = np.random.default_rng(0)

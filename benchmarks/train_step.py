@@ -31,7 +31,13 @@ kernel gradient differently), the ratio to the PyTorch twin of the same network 
 for the imsahlo rows, torch for jax-lax and jax-conv2d; the first variant for unet and unet-lax,
 the wider registry U-Net that has no twin, and when the twin is not run), the
 process's peak RSS while that variant ran (includes the other variants' resident state) and the
-step's growth over it.
+step's growth over it (with --host-memory reuse, memory freed by the variant before counts as
+resident, so the growth shows only what a step needed beyond it).
+
+Both frameworks share the process's malloc settings: by default the policy launch/*.py set
+(`train.reuse_freed_host_memory`: freed memory kept for the next step, JAX's CPU steps run inline
+so XLA's temporaries come from that memory); --host-memory default measures glibc's and JAX's
+defaults, under which both frameworks fault in fresh pages for every large temporary.
 
 Both frameworks get the same threads: XLA's CPU pool has one per CPU this process may use, torch
 gets as many unless --threads says otherwise. The PyTorch twins keep PyTorch's default contiguous
@@ -65,6 +71,7 @@ from jax import lax
 
 from neuroseg_jax.models import conv as conv_module
 from neuroseg_jax.models import layers
+from neuroseg_jax.train import reuse_freed_host_memory
 
 LEVEL_CHANNELS = (32, 64, 128, 256)
 NORM_GROUPS = 8
@@ -399,6 +406,14 @@ def main() -> None:
         help="memory format of the PyTorch twins (channels_last measured no faster, see above)",
     )
     parser.add_argument(
+        "--host-memory",
+        choices=("reuse", "default"),
+        default="reuse",
+        help="reuse: freed memory stays in the process for the next step, as launch/*.py set it "
+        "(train.reuse_freed_host_memory: glibc settings shared by both frameworks, JAX's CPU steps run "
+        "inline); default: glibc's defaults, under which every step's large temporaries are fresh pages",
+    )
+    parser.add_argument(
         "--variants",
         default="jax-lax,jax-conv2d,torch",
         help=f"comma list of {ALL_VARIANTS}",
@@ -409,6 +424,8 @@ def main() -> None:
         help="only check torch-imsahlo against JAX imsahlo",
     )
     args = parser.parse_args()
+    if args.host_memory == "reuse":
+        reuse_freed_host_memory()  # before JAX starts its threads
     if args.check:
         check_imsahlo_twin()
         return
@@ -472,6 +489,7 @@ def main() -> None:
         f"1-minute load average before the run: {load_before:.1f}, CPU time stolen by the "
         f"hypervisor during the steps: {100 * jiffies[7] / sum(jiffies):.0f}%; "
         f"XLA threads: {len(os.sched_getaffinity(0))}, torch threads: {args.threads} ({args.torch_layout}); "
+        f"host memory: {args.host_memory}; "
         f"RSS: process peak {'during the variant' if peak.resettable else 'over the run'}, "
         f"and its growth over the resident size before the step (the step's temporaries)"
     )

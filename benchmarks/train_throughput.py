@@ -6,7 +6,8 @@
 Each row: median seconds per step over ``--steps`` timed steps after one warm-up (compile) step,
 images/s, XLA's FLOP count of the step and the achieved GFLOP/s, model FLOP utilisation against
 ``--peak_tflops`` when given (e.g. 989 for an H100's dense bf16), and the process's peak RSS (host)
-or the device's peak bytes in use (GPU), both since the process started. The first row is the reference for the ratio column.
+or the device's peak bytes in use (GPU), both since the process started. Host memory follows
+launch/train.py's policy (`train.reuse_freed_host_memory`). The first row is the reference for the ratio column.
 """
 
 import importlib
@@ -20,7 +21,7 @@ import jax
 from absl import app, flags
 
 from neuroseg_jax import data
-from neuroseg_jax.train import loop, sharding
+from neuroseg_jax.train import loop, reuse_freed_host_memory, sharding
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs/ is not in the package
 
@@ -86,6 +87,7 @@ def measure_train_step(config, batch_size: int, steps: int) -> dict:
 
 def main(argv):
     del argv
+    reuse_freed_host_memory()  # as launch/train.py does
     rows = []
     for spec in _CONFIGS.value:
         config = load_config(spec)

@@ -10,6 +10,7 @@ import json
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from neuroseg_jax.train import reuse_freed_host_memory
 from neuroseg_jax.train.predictor import evaluate_run
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Optional config file; default: RUN/config.json.")
@@ -25,6 +26,7 @@ _TTA = flags.DEFINE_integer("tta", 5, "Test-time augmentations for the TTA rows 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    reuse_freed_host_memory()
     logging.set_verbosity(logging.ERROR)  # orbax warns about every read-only checkpoint it opens
     split = _SPLIT.value or ("all" if _DATA_ROOT.value else "val")
     results = evaluate_run(_WORKDIR.value, checkpoint=_CHECKPOINT.value, split=split, config=_CONFIG.value,

@@ -9,6 +9,7 @@ import json
 
 from absl import app, flags, logging
 
+from neuroseg_jax.train import reuse_freed_host_memory
 from neuroseg_jax.train.predictor import predict_run
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run folder.", required=True)
@@ -21,6 +22,7 @@ _TTA = flags.DEFINE_integer("tta", 0, "Test-time augmentations (IMSAHLO: 5; <= 1
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    reuse_freed_host_memory()
     logging.set_verbosity(logging.ERROR)  # orbax warns about every read-only checkpoint it opens
     summary = predict_run(_WORKDIR.value, _INPUT.value, _OUTPUT.value, checkpoint=_CHECKPOINT.value,
                           tta_n=_TTA.value)

@@ -9,7 +9,7 @@ address, process count and id from the cluster environment or from ``--coordinat
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from neuroseg_jax.train import distributed, train_and_evaluate
+from neuroseg_jax.train import distributed, reuse_freed_host_memory, train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/imsahlo.py:quick.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics, plots.", required=True)
@@ -19,6 +19,7 @@ distributed.define_flags()
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    reuse_freed_host_memory()
     logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO
     distributed.initialize_from_flags()
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)

@@ -1,6 +1,7 @@
 """Training: pure sharded steps, checkpoints and the ``train_and_evaluate`` loop."""
 
 from neuroseg_jax.train.checkpoint import Checkpoints, restore_weights
+from neuroseg_jax.train.host_memory import reuse_freed_host_memory
 from neuroseg_jax.train.loop import NonFiniteLossError, evaluate, make_loss_fn, train_and_evaluate
 from neuroseg_jax.train.optim import make_optimizer, make_schedule
 from neuroseg_jax.train.plateau import PlateauState, update_plateau
@@ -11,5 +12,5 @@ from neuroseg_jax.train.step import eval_step, make_step_fns, train_step
 __all__ = [
     "Checkpoints", "NonFiniteLossError", "PlateauState", "TrainState", "create_train_state", "eval_step",
     "evaluate", "make_loss_fn", "make_mesh", "make_optimizer", "make_schedule", "make_step_fns",
-    "restore_weights", "train_and_evaluate", "train_step", "update_plateau",
+    "restore_weights", "reuse_freed_host_memory", "train_and_evaluate", "train_step", "update_plateau",
 ]
