@@ -425,7 +425,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.host_memory == "reuse":
-        reuse_freed_host_memory()  # before JAX starts its threads
+        reuse_freed_host_memory()  # before JAX's first computation
     if args.check:
         check_imsahlo_twin()
         return

@@ -35,7 +35,7 @@ def reuse_freed_host_memory() -> bool:
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
-    if xla_bridge.backends_are_initialized():
+    if xla_bridge.backends_are_initialized():  # no public API tells whether the CPU client started
         raise RuntimeError("reuse_freed_host_memory() must run before JAX's first computation "
                            "(call it first thing in the process or notebook)")
     libc = ctypes.CDLL(None)
