@@ -81,7 +81,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
         raise ValueError(f"config.loss.weighting: unknown weighting {weighting!r}; use balance, norm or pareto")
     terms, batch_stats, buffers = aux
     loss = sum(weighted.values())
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     updates = jax.tree.map(lambda u: u * state.lr_scale.astype(u.dtype), updates)
     params = optax.apply_updates(state.params, updates)
