@@ -7,6 +7,9 @@ import sys
 
 import pytest
 
+glibc_only = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                                reason="the policy sets glibc malloc parameters")
+
 # A jitted call with a 64 MiB temporary (the (8192, 2048) product that the second matmul reads);
 # prints the minor page faults of its third call.
 _PROBE = """
@@ -30,7 +33,7 @@ def _third_call_page_faults(policy: str) -> int:
     return int(result.stdout.split()[-1])
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc malloc only")
+@glibc_only
 def test_reused_memory_spares_the_page_faults():
     # The probe runs in fresh processes: the policy must be set before JAX starts.
     temporary_pages = 8192 * 2048 * 4 // 4096
@@ -38,7 +41,7 @@ def test_reused_memory_spares_the_page_faults():
     assert _third_call_page_faults("reuse") < temporary_pages // 20
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc malloc only")
+@glibc_only
 def test_refuses_once_jax_has_started():
     import jax
 
