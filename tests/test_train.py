@@ -110,6 +110,35 @@ def test_sigterm_saves_and_resume_reproduces_the_uninterrupted_run(tmp_path, mon
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), whole_weights, cut_weights)
 
 
+def test_resume_refuses_another_config_or_training_split_and_allows_a_longer_run(tmp_path):
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+
+    def write_pair(i: int) -> None:
+        cv2.imwrite(str(root / "images" / f"img_{i}.png"), rng.integers(0, 256, (64, 64), dtype=np.uint8))
+        cv2.imwrite(str(root / "masks" / f"img_{i}.png"), (rng.random((64, 64)) > 0.7).astype(np.uint8) * 255)
+
+    for i in range(8):
+        write_pair(i)
+    folder = {"data.source": "folder", "data.root": str(root), "train.num_steps": 2}
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(tiny_train_config(**folder), workdir)
+    snapshot = (workdir / "config.json").read_text()
+    with pytest.raises(ValueError, match=r"step 2\) belongs to a run with another configuration: model.width=8 "
+                                         r"\(checkpoint: 4\)"):
+        train.train_and_evaluate(tiny_train_config(**folder, **{"model.width": 8}), workdir)
+    assert (workdir / "config.json").read_text() == snapshot  # a refused resume leaves the run's record alone
+    write_pair(8)
+    with pytest.raises(ValueError, match=r"another training split \(6 images, now 7"):
+        train.train_and_evaluate(tiny_train_config(**folder), workdir)
+    for kind in ("images", "masks"):
+        (root / kind / "img_8.png").unlink()
+    train.train_and_evaluate(tiny_train_config(**{**folder, "train.num_steps": 4, "train.log_every": 2}), workdir)
+    assert [r["step"] for r in _train_records(workdir)] == [1, 2, 4]
+
+
 def test_ema_averages_the_parameters_of_every_step():
     config = tiny_train_config(**{"optim.ema_decay": 0.75})
     trainer = loop_lib.build_trainer(config)

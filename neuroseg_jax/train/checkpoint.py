@@ -5,8 +5,14 @@ the host-side training state (plateau, best loss); ``checkpoints/best`` holds on
 the best validation loss. The two managers never delete each other's steps, so keeping the best
 can never remove the checkpoint a resume needs. Orbax writes into a temporary folder and renames
 it when complete, so an interrupted save leaves the previous checkpoints intact.
+
+A resume must continue the same run: ``run_identity`` (stored in every latest checkpoint's meta)
+holds the configuration outside ``RESUMABLE_KEYS`` and a digest of the training split's image
+names, and ``check_resumable`` refuses a different one, naming what changed.
 """
 
+import hashlib
+import json
 import pathlib
 from typing import Any
 
@@ -16,6 +22,67 @@ import orbax.checkpoint as ocp
 
 LATEST = "latest"
 BEST = "best"
+
+# Config keys (and key prefixes) a resumed run may change: run length, the cadence of evaluation,
+# logging and checkpoints, early stopping, previews, inference settings, loader throughput, and
+# the device mesh (the state is re-sharded on restore). Everything else defines the run.
+RESUMABLE_KEYS = (
+    "train.num_epochs", "train.num_steps", "train.eval_every", "train.checkpoint_every", "train.log_every",
+    "train.keep_checkpoints", "train.early_stop", "train.eval_batch_size", "train.num_preview",
+    "mesh", "inference", "data.worker_count", "data.read_threads", "data.prefetch", "data.cache_size",
+)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _resumable(key: str) -> bool:
+    return any(key == allowed or key.startswith(allowed + ".") for allowed in RESUMABLE_KEYS)
+
+
+def run_identity(config, train_image_names: list[str]) -> dict:
+    """What a run resuming from a checkpoint must share with the run that wrote it (JSON-able):
+    every config value outside ``RESUMABLE_KEYS`` and the count and SHA-256 of the training
+    split's image names (added, removed or renamed files change the split)."""
+    values = {key: value for key, value in _flatten(json.loads(config.to_json())).items() if not _resumable(key)}
+    digest = hashlib.sha256("\n".join(train_image_names).encode()).hexdigest()
+    return {"config": values, "train_images": len(train_image_names), "train_names_sha256": digest}
+
+
+def check_resumable(saved_meta: dict, identity: dict, worker_count: int, where: str) -> None:
+    """Raises ValueError, saying what differs, unless the run described by ``identity`` (with
+    ``data.worker_count`` = worker_count) may resume from the checkpoint with ``saved_meta``.
+    ``where`` names the checkpoint in the message. Checkpoints older than the identity record
+    only have their worker count checked."""
+    saved_workers = saved_meta.get("data_worker_count", worker_count)
+    if saved_workers != worker_count:
+        # The data iterator's saved position is laid out per worker process.
+        raise ValueError(f"{where} was saved with data.worker_count={saved_workers}; resume with "
+                         f"--config.data.worker_count={saved_workers} (got {worker_count})")
+    saved = saved_meta.get("run")
+    if saved is None:
+        return
+    missing = object()
+    changed = [
+        f"{key}={identity['config'].get(key, missing)!r} (checkpoint: {saved['config'].get(key, missing)!r})"
+        .replace(repr(missing), "absent")
+        for key in sorted(set(saved["config"]) | set(identity["config"]))
+        if saved["config"].get(key, missing) != identity["config"].get(key, missing)
+    ]
+    if changed:
+        raise ValueError(f"{where} belongs to a run with another configuration: {'; '.join(changed)}. "
+                         "Resume with the checkpoint's values or train in a new workdir")
+    if saved["train_names_sha256"] != identity["train_names_sha256"]:
+        raise ValueError(f"{where} was trained on another training split ({saved['train_images']} images, now "
+                         f"{identity['train_images']}, or files renamed): the dataset changed since. Restore "
+                         "the dataset or train in a new workdir")
 
 
 def _manager(directory: pathlib.Path, keep: int, item_names: tuple[str, ...], handlers: dict | None = None):

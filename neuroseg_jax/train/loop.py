@@ -219,7 +219,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         raise ValueError("the validation split is empty: raise config.data.split.val_fraction or add images")
     workdir = pathlib.Path(workdir)
     is_chief = jax.process_index() == 0
-    if is_chief:
+    checkpoints = checkpoint_lib.Checkpoints(workdir, keep=config.train.keep_checkpoints)
+    train_images = data_lib.build_dataset(config.data, "train")
+    identity = checkpoint_lib.run_identity(
+        config, (train_images.base if isinstance(train_images, data_lib.PatchDataset) else train_images).names)
+    resume_step = checkpoints.latest_step()
+    if resume_step is not None:
+        checkpoint_lib.check_resumable(checkpoints.latest_meta(), identity, config.data.worker_count,
+                                       f"{workdir}: the latest checkpoint (step {resume_step})")
+    if is_chief:  # after the resume check, so a refused resume leaves the run's config.json as it was
         (workdir / "plots").mkdir(parents=True, exist_ok=True)
         _write_snapshot(config, workdir)
 
@@ -236,18 +244,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     train_iter = iter(data_lib.make_loader(config.data, "train", batch_size=local_batch, seed=config.seed,
                                            process_index=jax.process_index(),
                                            process_count=jax.process_count()))
-    checkpoints = checkpoint_lib.Checkpoints(workdir, keep=config.train.keep_checkpoints)
     plateau = PlateauState()
     best_step = None
-    if checkpoints.latest_step() is not None:
-        saved_workers = checkpoints.latest_meta().get("data_worker_count", config.data.worker_count)
-        if saved_workers != config.data.worker_count:
-            # The data iterator's saved position is laid out per worker process.
-            raise ValueError(
-                f"{workdir}: the latest checkpoint (step {checkpoints.latest_step()}) was saved with "
-                f"data.worker_count={saved_workers}; resume with --config.data.worker_count={saved_workers} "
-                f"(got {config.data.worker_count})"
-            )
+    if resume_step is not None:
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                 state.checkpoint_items(), state_shardings.checkpoint_items())
         items, meta = checkpoints.restore_latest(abstract, train_iter)
@@ -267,7 +266,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     def save_latest(step: int) -> None:
         checkpoints.save_latest(step, state.checkpoint_items(), train_iter,
                                 {"step": step, "plateau": plateau.to_json(), "best_step": best_step,
-                                  "data_worker_count": config.data.worker_count})
+                                  "data_worker_count": config.data.worker_count, "run": identity})
 
     progress = tqdm(total=total_steps, initial=start_step, disable=not is_chief, dynamic_ncols=True,
                     desc="train", unit="step")
