@@ -19,6 +19,7 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 LATEST = "latest"
 BEST = "best"
@@ -33,16 +34,6 @@ RESUMABLE_KEYS = (
 )
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _resumable(key: str) -> bool:
     return any(key == allowed or key.startswith(allowed + ".") for allowed in RESUMABLE_KEYS)
 
@@ -51,7 +42,8 @@ def run_identity(config, train_image_names: list[str]) -> dict:
     """What a run resuming from a checkpoint must share with the run that wrote it (JSON-able):
     every config value outside ``RESUMABLE_KEYS`` and the count and SHA-256 of the training
     split's image names (added, removed or renamed files change the split)."""
-    values = {key: value for key, value in _flatten(json.loads(config.to_json())).items() if not _resumable(key)}
+    flat = traverse_util.flatten_dict(json.loads(config.to_json()), sep=".")
+    values = {key: value for key, value in flat.items() if not _resumable(key)}
     digest = hashlib.sha256("\n".join(train_image_names).encode()).hexdigest()
     return {"config": values, "train_images": len(train_image_names), "train_names_sha256": digest}
 
@@ -69,13 +61,13 @@ def check_resumable(saved_meta: dict, identity: dict, worker_count: int, where: 
     saved = saved_meta.get("run")
     if saved is None:
         return
-    missing = object()
-    changed = [
-        f"{key}={identity['config'].get(key, missing)!r} (checkpoint: {saved['config'].get(key, missing)!r})"
-        .replace(repr(missing), "absent")
-        for key in sorted(set(saved["config"]) | set(identity["config"]))
-        if saved["config"].get(key, missing) != identity["config"].get(key, missing)
-    ]
+    then, now = saved["config"], identity["config"]
+
+    def shown(values: dict, key: str) -> str:
+        return repr(values[key]) if key in values else "absent"
+
+    changed = [f"{key}={shown(now, key)} (checkpoint: {shown(then, key)})" for key in sorted(then.keys() | now.keys())
+               if key not in then or key not in now or then[key] != now[key]]
     if changed:
         raise ValueError(f"{where} belongs to a run with another configuration: {'; '.join(changed)}. "
                          "Resume with the checkpoint's values or train in a new workdir")
