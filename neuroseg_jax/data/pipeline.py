@@ -262,6 +262,7 @@ def make_loader(
     process_index: int = 0,
     process_count: int = 1,
     num_epochs: int | None = None,
+    dataset: SplitDataset | PatchDataset | None = None,
 ) -> grain.IterDataset:
     """Grain dataset of batches dict(image=(b, h, w, C) float32, mask=(b, h, w) int32).
 
@@ -274,13 +275,16 @@ def make_loader(
     position), so batches do not depend on data.worker_count.
     `iter(loader)` is a checkpointable iterator (get_state() / set_state()); the state's layout
     depends on data.worker_count, so resume with the worker count it was saved with.
+    `dataset`: the split's data source when the caller already built it with
+    `build_dataset(data_config, split)`; built here otherwise.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
     train = split == "train"
-    dataset = build_dataset(data_config, split)
+    if dataset is None:
+        dataset = build_dataset(data_config, split)
     if train and len(dataset) // process_count < batch_size:
         raise ValueError(
             f"train split has {len(dataset)} records for {process_count} process(es): "

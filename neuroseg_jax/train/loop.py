@@ -243,7 +243,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
     train_iter = iter(data_lib.make_loader(config.data, "train", batch_size=local_batch, seed=config.seed,
                                            process_index=jax.process_index(),
-                                           process_count=jax.process_count()))
+                                           process_count=jax.process_count(), dataset=train_images))
     plateau = PlateauState()
     best_step = None
     if resume_step is not None:
