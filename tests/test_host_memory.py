@@ -1,14 +1,14 @@
 """reuse_freed_host_memory: a jitted call's temporaries stop costing fresh pages on every call."""
 
 import os
-import platform
 import subprocess
 import sys
 
 import pytest
 
-glibc_only = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                                reason="the policy sets glibc malloc parameters")
+from neuroseg_jax.train.host_memory import uses_glibc
+
+glibc_only = pytest.mark.skipif(not uses_glibc(), reason="the policy sets glibc malloc parameters")
 
 # A jitted call with a 64 MiB temporary (the (8192, 2048) product that the second matmul reads);
 # prints the minor page faults of its third call.

@@ -26,6 +26,11 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 
 
+def uses_glibc() -> bool:
+    """Whether this process runs on Linux with glibc, the C library whose malloc the policy sets."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 def reuse_freed_host_memory() -> bool:
     """Keeps freed host memory in the process and runs single-device CPU computations inline.
 
@@ -33,7 +38,7 @@ def reuse_freed_host_memory() -> bool:
     starts); the process's resident memory then stays at its peak. Returns False, changing
     nothing, where the C library is not glibc (macOS, musl).
     """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not uses_glibc():
         return False
     if xla_bridge.backends_are_initialized():  # no public API tells whether the CPU client started
         raise RuntimeError("reuse_freed_host_memory() must run before JAX's first computation "
