@@ -283,10 +283,10 @@ def _kernel_grad_matmul(inputs, out_grad, *, kernel_shape, strides, pads, dilati
     width_pad = (kw - 1) * dw if split else 0
     grads = jnp.pad(out_grad, ((0, 0), (0, chunks * chunk_rows - ho), (width_pad, width_pad), (0, 0)))
 
-    def view(first_row, i: int, j: int, width: int, col_stride: int) -> jax.Array:
-        """x[:, first_row + i*dh + y*sh, j*dw + x*col_stride, :] for y < chunk_rows and x < width."""
+    def view(first_input_row, i: int, j: int, width: int, col_stride: int) -> jax.Array:
+        """x[:, first_input_row + i*dh + y*sh, j*dw + x*col_stride, :] for y < chunk_rows and x < width."""
         rows = lax.dynamic_slice(
-            x, (0, first_row + i * dh, j * dw, 0), (n, (chunk_rows - 1) * sh + 1, (width - 1) * col_stride + 1, cin)
+            x, (0, first_input_row + i * dh, j * dw, 0), (n, (chunk_rows - 1) * sh + 1, (width - 1) * col_stride + 1, cin)
         )
         return rows[:, ::sh, ::col_stride]
 
