@@ -14,9 +14,10 @@ took away during the steps):
   torch-imsahlo          the PyTorch twin of imsahlo (`torch_models.TorchIMSAHLO`)
 
 Benchmark U-Net: 4 levels of [conv3x3 -> GroupNorm(8) -> ReLU] x 2 with 32, 64, 128, 256
-channels, 2x2 max pooling, 2x2 stride-2 transposed-conv upsampling (in JAX a 1x1 conv to 4C
-followed by depth-to-space, the same linear map), skip concatenation, 1x1 head, 1 input and
-1 output channel (~1.9M parameters); loss: mean sigmoid binary cross-entropy.
+channels, 2x2 max pooling, 2x2 stride-2 transposed-conv upsampling (in JAX a bias-free 1x1 conv
+to 4C, depth-to-space and a C bias: the same map and parameters as ConvTranspose2d), skip
+concatenation, 1x1 head, 1 input and 1 output channel (1,927,841 parameters, checked against the
+PyTorch twin when it is built, like IMSAHLO's); loss: mean sigmoid binary cross-entropy.
 
 IMSAHLO: the registry model (width 32, depth 4, MSDB blocks with SE, Swish, Hierarchical
 Attention, GroupNorm(8), spatial dropout 0.1, bilinear upsampling, float32, 12.0M parameters) with
@@ -134,6 +135,27 @@ class BenchConv(nn.Module):
         )
 
 
+class BenchUpConv(nn.Module):
+    """2x2 stride-2 transposed convolution (PyTorch's ConvTranspose2d(k=2, s=2)): a bias-free 1x1
+    convolution to 4 x `features` through `conv_fn`, depth-to-space, then one bias per output
+    channel. (B, H, W, Cin) -> (B, 2H, 2W, features)."""
+
+    features: int
+    conv_fn: Callable[..., jax.Array]
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param(
+            "kernel", nn.initializers.lecun_normal(), (1, 1, x.shape[-1], 4 * self.features)
+        )
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        x = self.conv_fn(x, kernel, strides=(1, 1), padding="SAME", dilation=(1, 1), groups=1)
+        batch, height, width, _ = x.shape
+        x = x.reshape(batch, height, width, 2, 2, self.features)
+        x = x.transpose(0, 1, 3, 2, 4, 5).reshape(batch, 2 * height, 2 * width, self.features)
+        return x + bias
+
+
 class BenchUNet(nn.Module):
     """(B, H, W, 1) -> logits (B, H, W, 1); H, W divisible by 8.
 
@@ -159,12 +181,7 @@ class BenchUNet(nn.Module):
             x = layers.max_pool2x(x) if self.codebase_layers else nn.max_pool(x, (2, 2), strides=(2, 2))
         x = self.block(x, LEVEL_CHANNELS[-1])
         for channels, skip in zip(reversed(LEVEL_CHANNELS[:-1]), reversed(skips)):
-            x = BenchConv(4 * channels, 1, self.conv_fn)(x)
-            batch, height, width, _ = x.shape
-            x = x.reshape(batch, height, width, 2, 2, channels)
-            x = x.transpose(0, 1, 3, 2, 4, 5).reshape(
-                batch, 2 * height, 2 * width, channels
-            )
+            x = BenchUpConv(channels, self.conv_fn)(x)
             x = self.block(jnp.concatenate([x, skip], axis=-1), channels)
         return BenchConv(1, 1, self.conv_fn)(x)
 
@@ -299,15 +316,11 @@ def build_variant(
         run, n_params = torch_step_runner(
             twin, images, labels, args.torch_layout == "channels_last"
         )
-        if name == "torch-imsahlo":
-            shapes = jax.eval_shape(
-                registry_model("imsahlo").init, jax.random.PRNGKey(0), images[:1]
-            )
-            jax_params = parameter_count(shapes["params"])
-            if n_params != jax_params:
-                raise RuntimeError(
-                    f"torch-imsahlo has {n_params} parameters, JAX imsahlo {jax_params}"
-                )
+        jax_twin = BenchUNet(lax_conv2d) if name == "torch" else registry_model("imsahlo")
+        shapes = jax.eval_shape(jax_twin.init, jax.random.PRNGKey(0), images[:1])
+        jax_params = parameter_count(shapes["params"])
+        if n_params != jax_params:
+            raise RuntimeError(f"{name} has {n_params} parameters, its JAX twin {jax_params}")
         return run, None, n_params
     if name == "jax-lax":
         return jax_step_runner(BenchUNet(lax_conv2d), images, labels, {})
