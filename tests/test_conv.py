@@ -1,11 +1,15 @@
 """conv2d: values and gradients equal those of plain `lax.conv_general_dilated`.
 
-The fast CPU kernel gradient (custom VJP, chunked matrix products) must agree with JAX's own
-derivative of the plain convolution for every stride, dilation, padding, group count and odd
-size, under jit, vmap and a sharded multi-device mesh.
+Both CPU kernel gradients of the custom VJP, the compiled FFI handler (`conv_ffi`) and the XLA
+matrix-product form it replaces where no compiler is found, must agree with JAX's own derivative of
+the plain convolution for every stride, dilation, padding, group count and odd size, under jit,
+vmap and a sharded multi-device mesh.
 """
 
+import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -18,16 +22,30 @@ import numpy as np
 import pytest
 from jax import lax
 
-from neuroseg_jax.models import conv
+from neuroseg_jax.models import conv, conv_ffi
 from neuroseg_jax.models.conv import conv2d
 
 REPO = Path(__file__).resolve().parents[1]
+HAS_COMPILER = any(shutil.which(name) for name in filter(None, (os.environ.get("CXX"), "c++", "g++", "clang++")))
 
 
-@pytest.fixture(autouse=True)
-def matmul_kernel_gradient_for_tiny_maps(monkeypatch):
-    """Tiny test maps would keep XLA's kernel gradient; force the matmul form under test."""
+def use_xla_formulations(monkeypatch):
+    """The CPU kernel gradient without the compiled handler; tiny test maps would keep XLA's own
+    kernel gradient, so the matmul form is forced."""
+    monkeypatch.setattr(conv, "_ffi_kernel_grad_available", lambda: False)
     monkeypatch.setattr(conv, "MATMUL_KERNEL_GRAD_MIN_BYTES", 0)
+
+
+@pytest.fixture(params=["ffi", "matmul"])
+def cpu_kernel_grad(request, monkeypatch):
+    """Runs a test once with each CPU kernel-gradient formulation."""
+    if request.param == "ffi":
+        if not HAS_COMPILER:
+            pytest.skip("no C++ compiler on this machine: conv2d uses the XLA formulations")
+        assert conv_ffi.available()
+    else:
+        use_xla_formulations(monkeypatch)
+    return request.param
 
 
 def plain_conv(x, kernel, strides, padding, dilation, groups):
@@ -68,6 +86,11 @@ CASES = [
     ((1, 9, 8, 6), (3, 3, 6, 6), (1, 1), "SAME_LOWER", (1, 3), 1),
     ((2, 10, 9, 4), (3, 3, 2, 6), (1, 1), "SAME", (1, 2), 2),  # grouped
     ((1, 8, 8, 4), (3, 3, 1, 4), (2, 2), "VALID", (1, 1), 4),  # depthwise
+    # Handler register blocks: 39 product rows (3 blocks of 12 + 3), 37 and 21 output channels
+    # (full vector pairs, a single vector and a zero-padded tail), rows longer than a tile.
+    ((2, 11, 13, 13), (3, 3, 13, 37), (1, 1), "SAME", (1, 1), 1),
+    ((1, 9, 40, 5), (3, 3, 5, 21), (2, 1), ((1, 1), (2, 0)), (1, 2), 1),
+    ((1, 3, 600, 2), (3, 3, 2, 3), (1, 1), "SAME", (1, 1), 1),
 ]
 
 
@@ -94,7 +117,7 @@ def case_id(case) -> str:
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_forward_and_gradients_match_plain_convolution(case):
+def test_forward_and_gradients_match_plain_convolution(case, cpu_kernel_grad):
     input_shape, kernel_shape, strides, padding, dilation, groups = case
     x, kernel = random_pair(input_shape, kernel_shape)
     np.testing.assert_allclose(
@@ -109,11 +132,12 @@ def test_forward_and_gradients_match_plain_convolution(case):
 @pytest.mark.parametrize("case", CASES[:5], ids=case_id)
 def test_chunked_kernel_gradient_matches(case, monkeypatch):
     """Tiny chunks force the fori_loop over output rows, including zero-padded last chunks."""
+    use_xla_formulations(monkeypatch)
     monkeypatch.setattr(conv, "CHUNK_POSITIONS", 7)
     assert_matches_plain(case, transform=jax.jit)
 
 
-def test_vmap_over_inputs_and_kernels():
+def test_vmap_over_inputs_and_kernels(cpu_kernel_grad):
     x, kernel = random_pair((3, 2, 7, 9, 4), (3, 3, 3, 4, 5))
     ours = jax.vmap(jax.grad(loss_of(lambda a, b: conv2d(a, b, padding="SAME")), (0, 1)))
     plain = jax.vmap(jax.grad(loss_of(lambda a, b: plain_conv(a, b, (1, 1), "SAME", (1, 1), 1)), (0, 1)))
@@ -121,7 +145,7 @@ def test_vmap_over_inputs_and_kernels():
         assert_close(got, want)
 
 
-def test_vmap_shared_kernel_with_chunks(monkeypatch):
+def test_vmap_shared_kernel_with_chunks(cpu_kernel_grad, monkeypatch):
     monkeypatch.setattr(conv, "CHUNK_POSITIONS", 5)
     x, kernel = random_pair((2, 1, 6, 7, 3), (3, 3, 3, 4))
     ours = jax.vmap(jax.grad(loss_of(lambda a, b: conv2d(a, b)), (0, 1)), in_axes=(0, None))
@@ -132,8 +156,14 @@ def test_vmap_shared_kernel_with_chunks(monkeypatch):
         assert_close(got, want)
 
 
-@pytest.mark.parametrize("kernel_size,threshold", [(3, 0), (3, 1 << 40), (1, 1 << 40)])  # matmul, native, pointwise
-def test_bfloat16_gradients_keep_dtypes(kernel_size, threshold, monkeypatch):
+@pytest.mark.parametrize(
+    "formulation, kernel_size, threshold", [("ffi", 3, 0), ("matmul", 3, 0), ("xla", 3, 1 << 40), ("matmul", 1, 0)]
+)
+def test_bfloat16_gradients_keep_dtypes(formulation, kernel_size, threshold, monkeypatch):
+    if formulation == "ffi" and not HAS_COMPILER:
+        pytest.skip("no C++ compiler on this machine: conv2d uses the XLA formulations")
+    if formulation != "ffi":
+        use_xla_formulations(monkeypatch)
     monkeypatch.setattr(conv, "MATMUL_KERNEL_GRAD_MIN_BYTES", threshold)
     x, kernel = random_pair((2, 16, 16, 32), (kernel_size, kernel_size, 32, 32))  # large enough for a dot thunk
     x, kernel = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
@@ -147,6 +177,7 @@ def test_bfloat16_gradients_keep_dtypes(kernel_size, threshold, monkeypatch):
 
 
 def test_small_maps_keep_xla_kernel_gradient(monkeypatch):
+    use_xla_formulations(monkeypatch)
     monkeypatch.setattr(conv, "MATMUL_KERNEL_GRAD_MIN_BYTES", 4 << 20)
     assert_matches_plain(CASES[0], transform=jax.jit)
     monkeypatch.setattr(conv, "_kernel_grad_matmul", None)  # would fail if called
@@ -230,21 +261,102 @@ SHARDED_SCRIPT = textwrap.dedent(
     ours = lambda a, b: conv2d(a, b, strides=(1, 2), padding="SAME", dilation=(2, 1))
     expected = jax.jit(jax.grad(lambda a, b: loss(plain, a, b), (0, 1)))(x, kernel)
     conv.MATMUL_KERNEL_GRAD_MIN_BYTES = 0
-    for chunk in (conv.CHUNK_POSITIONS, 6):
+    use_ffi = conv._ffi_kernel_grad_available()
+    assert use_ffi == HAS_COMPILER
+    for ffi, chunk in ((use_ffi, conv.CHUNK_POSITIONS), (False, conv.CHUNK_POSITIONS), (False, 6)):
+        conv._ffi_kernel_grad_available = lambda: ffi
         conv.CHUNK_POSITIONS = chunk
-        got = jax.jit(jax.grad(lambda a, b: loss(ours, a, b), (0, 1)))(x, kernel)
+        step = jax.jit(jax.grad(lambda a, b: loss(ours, a, b), (0, 1)))
+        got = step(x, kernel)
         assert got[0].sharding.is_equivalent_to(x.sharding, 4), got[0].sharding
         for g, e in zip(got, expected):
             np.testing.assert_allclose(g, e, rtol=2e-5, atol=2e-5 * float(jnp.max(jnp.abs(e))))
+        if ffi:  # one call per device on its 2 images, then a sum over the devices
+            hlo = step.lower(x, kernel).compile().as_text()
+            calls = [line for line in hlo.splitlines() if 'custom_call_target="neuroseg_conv_kernel_grad"' in line]
+            assert calls and all("operand_layout_constraints={f32[2," in line for line in calls), calls
+            assert "all-reduce" in hlo
     print("sharded ok")
     """
 )
 
 
 def test_sharded_gradients_on_four_cpu_devices():
+    """Both CPU formulations on a batch sharded over four devices; the handler runs per shard."""
     env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
     result = subprocess.run(
-        [sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", f"HAS_COMPILER = {HAS_COMPILER}\n" + SHARDED_SCRIPT], env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0 and "sharded ok" in result.stdout, result.stderr[-3000:]
+
+
+BUILD_SCRIPT = textwrap.dedent(
+    """
+    import json, warnings
+    import jax, jax.numpy as jnp, numpy as np
+    from jax import lax
+    from neuroseg_jax.models import conv, conv_ffi
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        available = conv_ffi.available()
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 9, 10, 3)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.float32)
+    plain = lambda k: lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    want = jax.grad(lambda k: jnp.sum(jnp.sin(plain(k))))(kernel)
+    got = jax.jit(jax.grad(lambda k: jnp.sum(jnp.sin(conv.conv2d(x, k)))))(kernel)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * float(jnp.max(jnp.abs(want))))
+    print(json.dumps({"available": available, "warnings": [str(w.message) for w in caught]}))
+    """
+)
+
+
+def run_build_script(tmp_path, **env_changes):
+    """Runs BUILD_SCRIPT in a fresh process with the handler cache in tmp_path/cache; its report."""
+    env = dict(os.environ, NEUROSEG_JAX_CACHE=str(tmp_path / "cache"), JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
+    for name, value in env_changes.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    result = subprocess.run([sys.executable, "-c", BUILD_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler on this machine")
+def test_handler_is_built_once_into_the_cache(tmp_path):
+    first = run_build_script(tmp_path)
+    assert first == {"available": True, "warnings": []}
+    (library,) = (tmp_path / "cache").glob("conv_kernel_grad-*.so")
+    built = library.stat().st_mtime_ns
+    assert run_build_script(tmp_path) == first
+    assert [path.name for path in (tmp_path / "cache").iterdir()] == [library.name]
+    assert library.stat().st_mtime_ns == built
+
+
+@pytest.mark.parametrize(
+    "env_changes, message",
+    [
+        (dict(NEUROSEG_JAX_CPU_FFI="0"), None),
+        (dict(CXX=None, PATH=""), "no C[+][+] compiler found"),
+        (dict(CXX="false"), "failed"),
+    ],
+    ids=["turned-off", "no-compiler", "compiler-fails"],
+)
+def test_without_the_handler_gradients_stay_right(tmp_path, env_changes, message):
+    """Turned off: silent; no compiler or a failing build: a warning saying why, the XLA formulation
+    instead (the script checks the gradient either way), and nothing left in the cache."""
+    if env_changes.get("CXX") == "false" and not shutil.which("false"):
+        pytest.skip("no `false` command")
+    report = run_build_script(tmp_path, **env_changes)
+    assert report["available"] is False
+    if message is None:
+        assert report["warnings"] == []
+    else:
+        assert len(report["warnings"]) == 1 and re.search(message, report["warnings"][0]), report
+        assert "XLA's formulation" in report["warnings"][0]
+    assert not list((tmp_path / "cache").glob("*.so"))

@@ -2,13 +2,21 @@
 
 XLA's CPU backend computes the *kernel* gradient of a convolution as a convolution whose
 "kernel" is the whole output cotangent (spatial size Ho x Wo) and whose output is the tiny
-kh x kw window, and that shape defeats its convolution kernels once the image is large:
-at 2x128x192, 128->128 channels it takes 5x the time of the matrix-product form below, at
-2x512x768, 32->32 1.5x (issue 8; measured on the shared 2-core AVX2 EPYC, kernel gradient alone,
-wall time 4.3 s -> 0.37 s and 1.06 s -> 0.73 s; one pinned core, CPU time 1.24 s -> 0.23 s
-and 0.83 s -> 0.52 s).
+kh x kw window, and that shape defeats its convolution kernels once the image is large (issue 8:
+4-60 GFLOP/s on the shared 2-core EPYC). `conv2d` is a `jax.custom_vjp` whose CPU kernel gradient
+is, in order of preference:
 
-The kernel gradient is a sum over every output position p = (n, y, x) of outer products
+1. the compiled XLA FFI handler of `conv_ffi` (built on first use with the machine's C++
+   compiler): 160-190 GFLOP/s from 16x16 to 512x768 maps and 32 to 1024 channels, 1.3-2x the
+   matmul form below on large maps and at least as fast as either XLA form elsewhere (closest on
+   small maps with wide inputs, 2x32x48 1024->256: 90-92 ms against 84-93);
+2. where no compiler is found: an unpadded, unstrided 1x1 convolution's kernel gradient as one
+   matrix product; otherwise, above `MATMUL_KERNEL_GRAD_MIN_BYTES` of cotangent per image, the
+   chunked matrix-product form `_kernel_grad_matmul`; below it XLA's own kernel gradient, which is
+   faster while one image's cotangent fits in cache.
+
+The matrix-product form: the kernel gradient is a sum over every output position p = (n, y, x) of
+outer products
     dK[i, j, c, o] = sum_p  x_pad[n, y*sh + i*dh, x*sw + j*dw, c] * g[n, y, x, o]
 i.e. a matrix product contracting the M = N*Ho*Wo axis once the kh*kw shifted views of the
 input are available. Materialising all kh*kw views (im2col) copies kh*kw times the input;
@@ -24,12 +32,11 @@ the cotangent shift would need zero-interleaving.
 The output rows are processed in chunks of ~`CHUNK_POSITIONS` positions (a `fori_loop`
 accumulating the small product) so the shifted copies of a chunk (0.1-3 MB) stay in cache:
 un-chunked copies of a 2x512x768 map cost 0.3-0.9 GB of fresh memory per layer and made the
-product 1.2-2x slower than chunked.
+product 1.2-2x slower than chunked. Its limit is Eigen's two-thread scaling of these small
+products, which the handler avoids by giving each thread its own rows.
 
-Small maps keep XLA's kernel gradient, which is faster while one image's cotangent fits in cache
-(`MATMUL_KERNEL_GRAD_MIN_BYTES`), except for unpadded, unstrided 1x1 convolutions, whose kernel
-gradient is always a single matrix product on the CPU; their forward pass and input gradient are
-matrix products over the channels on every platform.
+Unpadded, unstrided 1x1 convolutions run forward and input gradient as matrix products over the
+channels on every platform.
 
 The input gradient stays XLA's transposed convolution: measured at 80-190 GFLOP/s
 (uncontended), as fast as the forward pass. On GPU/TPU (`lax.platform_dependent`) the kernel
@@ -48,6 +55,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from neuroseg_jax.models import conv_ffi
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 Pads = tuple[tuple[int, int], tuple[int, int]]
@@ -186,7 +195,11 @@ def _conv_fast_grad_bwd(strides, pads, dilation, residuals, out_grad):
     if dilation != (1, 1) and strides == (1, 1):
         def gpu_kernel_grad(x, g):
             return _kernel_grad_dilation_phases(x, g, kernel=kernel, pads=pads, dilation=dilation)
-    if _is_pointwise(kernel.shape, strides, pads):
+    if _ffi_kernel_grad_available():
+        def cpu_kernel_grad(x, g):
+            padded = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
+            return conv_ffi.kernel_grad(padded, g, kernel.shape[:2], strides, dilation)
+    elif _is_pointwise(kernel.shape, strides, pads):
         # A 1x1 convolution's kernel gradient is one matrix product; XLA's CPU convolution form
         # of it ran 2-12x slower at every size measured (2x64x96 320->128: 59 vs 14 ms).
         def cpu_kernel_grad(x, g):
@@ -209,6 +222,11 @@ def _conv_fast_grad_bwd(strides, pads, dilation, residuals, out_grad):
 
 
 _conv_fast_grad.defvjp(_conv_fast_grad_fwd, _conv_fast_grad_bwd)
+
+
+def _ffi_kernel_grad_available() -> bool:
+    # Built only where the CPU is the default backend: elsewhere the CPU branch is traced, never run.
+    return jax.default_backend() == "cpu" and conv_ffi.available()
 
 
 def _kernel_grad_native(inputs, out_grad, *, kernel, strides, pads, dilation):
