@@ -1,4 +1,4 @@
-"""The CPU convolution kernel gradient as a compiled XLA FFI handler (`conv_kernel_grad.cc`).
+"""The CPU convolution kernel gradient as a compiled XLA FFI handler (`conv_ffi.cc`).
 
 On the CPU, XLA has no fast kernel for a convolution's kernel gradient (issue 8): its own form runs
 at 4-60 GFLOP/s, and the matrix-product form of `conv._kernel_grad_matmul` is held back by how
@@ -40,7 +40,7 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 TARGET = "neuroseg_conv_kernel_grad"
-SOURCE = pathlib.Path(__file__).with_name("conv_kernel_grad.cc")
+SOURCE = pathlib.Path(__file__).with_name("conv_ffi.cc")
 _COMPILE_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
 _lock = threading.Lock()
@@ -182,7 +182,7 @@ def _build() -> pathlib.Path:
         key.update(part)
         key.update(b"\0")
     cache = _cache_dir()
-    library_path = cache / f"conv_kernel_grad-{key.hexdigest()[:20]}.so"
+    library_path = cache / f"conv_ffi-{key.hexdigest()[:20]}.so"
     if library_path.exists():
         return library_path
     cache.mkdir(parents=True, exist_ok=True)

@@ -10,10 +10,11 @@
 // Eigen splits small (96 x ~2000)^T (~2000 x 96) products between threads. Here the output rows
 // (n, y) are split into one contiguous part per thread of XLA's intra-op pool, each part
 // accumulates into its own dk, and the parts are summed at the end, so the threads never share a
-// product. Within a part, kRows product rows (tap j, channel c) times kVectors vectors of output
-// channels are held in registers while a tile of output columns streams through: per column,
-// kRows broadcasts of input values and kVectors loads of the cotangent feed kRows * kVectors
-// fused multiply-adds.
+// product. Within a part, kRows product rows (tap j, channel c) times two vectors of output
+// channels are held in registers while a tile of output positions streams through: per position,
+// kRows broadcasts of input values and two loads of the cotangent feed 2 * kRows fused
+// multiply-adds. Output channels left over are done one vector at a time, the last cout % kLanes
+// of them from a zero-padded copy of the cotangent.
 
 #include <algorithm>
 #include <array>
@@ -21,6 +22,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <utility>
@@ -155,35 +157,45 @@ void AccumulateRows(const Geometry& geo, const float* xp, const float* g, float*
     for (int64_t lane = 0; lane < tail; ++lane) dk[k * geo.cout + tail_begin + lane] += tail_dk[k * kLanes + lane];
 }
 
-// The parts of one call. Any thread may claim the next unclaimed part; the calling thread claims
+// Runs run(part) for every part in [0, count) on the calling thread and the pool's threads and
+// returns when all are done. Any thread may claim the next unclaimed part; the calling thread claims
 // parts too and then waits only for parts already running, so a pool whose other threads are busy
 // (or blocked in this same handler) cannot deadlock the call. Tasks scheduled on the pool may run
 // after the call has returned: they hold the state by shared_ptr and find no part left.
 struct Parts {
-  Geometry geo;
-  const float* xp;
-  const float* g;
-  std::vector<float*> dks;  // one accumulator per part; part 0 accumulates into the result
+  std::function<void(int64_t)> run;
+  int64_t count = 0;
   std::atomic<int64_t> next{0};
   std::mutex mutex;
   std::condition_variable all_done;
   int64_t done = 0;
 
   void Work() {
-    const int64_t count = static_cast<int64_t>(dks.size()), total_rows = geo.n * geo.ho;
     for (int64_t part = next.fetch_add(1); part < count; part = next.fetch_add(1)) {
-      AccumulateRows(geo, xp, g, dks[part], total_rows * part / count, total_rows * (part + 1) / count);
+      run(part);
       std::lock_guard<std::mutex> lock(mutex);
       if (++done == count) all_done.notify_all();
     }
   }
 };
 
+void RunParts(ffi::ThreadPool& pool, int64_t count, std::function<void(int64_t)> run) {
+  auto parts = std::make_shared<Parts>();
+  parts->run = std::move(run);
+  parts->count = count;
+  const int64_t helpers = std::min<int64_t>(count, pool.num_threads()) - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([parts] { parts->Work(); });
+  parts->Work();
+  std::unique_lock<std::mutex> lock(parts->mutex);
+  parts->all_done.wait(lock, [&] { return parts->done == parts->count; });
+}
+
 // Named, because a comma inside a template argument would split the handler macro's arguments.
 using Array4 = ffi::Buffer<ffi::F32, 4>;
 using Result4 = ffi::ResultBuffer<ffi::F32, 4>;
 
-ffi::Error KernelGrad(ffi::ThreadPool pool, Array4 xp, Array4 g, Result4 dk, int64_t sh, int64_t sw, int64_t dh, int64_t dw) {
+ffi::Error KernelGrad(ffi::ThreadPool pool, Array4 xp, Array4 g, Result4 dk, int64_t sh, int64_t sw, int64_t dh,
+                      int64_t dw) {
   const auto xd = xp.dimensions(), gd = g.dimensions(), kd = dk->dimensions();
   const Geometry geo{xd[0], xd[1], xd[2], xd[3], gd[1], gd[2], gd[3], kd[0], kd[1], sh, sw, dh, dw};
   if (sh < 1 || sw < 1 || dh < 1 || dw < 1 || gd[0] != geo.n || kd[2] != geo.cin || kd[3] != geo.cout ||
@@ -193,20 +205,15 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, Array4 xp, Array4 g, Result4 dk, int
   float* result = dk->typed_data();
   std::memset(result, 0, size * sizeof(float));
   if (geo.n * geo.ho * geo.wo == 0) return ffi::Error::Success();
+  // One part per thread, each with its own accumulator (part 0 uses the result), summed at the end.
   const int64_t count = std::clamp<int64_t>(pool.num_threads(), 1, geo.n * geo.ho);
   std::vector<std::vector<float>> scratch(count - 1, std::vector<float>(size, 0.f));
-  auto parts = std::make_shared<Parts>();
-  parts->geo = geo;
-  parts->xp = xp.typed_data();
-  parts->g = g.typed_data();
-  parts->dks.push_back(result);
-  for (auto& buffer : scratch) parts->dks.push_back(buffer.data());
-  for (int64_t t = 1; t < count; ++t) pool.Schedule([parts] { parts->Work(); });
-  parts->Work();
-  {
-    std::unique_lock<std::mutex> lock(parts->mutex);
-    parts->all_done.wait(lock, [&] { return parts->done == count; });
-  }
+  const int64_t total_rows = geo.n * geo.ho;
+  RunParts(pool, count, [&](int64_t part) {
+    float* accumulator = part == 0 ? result : scratch[part - 1].data();
+    AccumulateRows(geo, xp.typed_data(), g.typed_data(), accumulator, total_rows * part / count,
+                   total_rows * (part + 1) / count);
+  });
   for (const auto& buffer : scratch)
     for (int64_t k = 0; k < size; ++k) result[k] += buffer[k];
   return ffi::Error::Success();
