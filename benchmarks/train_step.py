@@ -27,8 +27,8 @@ and compares logits and gradients on a 1x64x96 image.
 
 Prints s/step (median of --steps after one warm-up step), GFLOP/s against XLA's FLOP count of
 the plain-lax twin (jax-lax for jax-conv2d and torch, unet-lax for unet, imsahlo-lax for imsahlo
-and torch-imsahlo; when that twin is not run, the conv2d variant's count, which counts the custom
-kernel gradient differently), the ratio to the PyTorch twin of the same network (torch-imsahlo
+and torch-imsahlo; when that twin is not run, the conv2d variant's count, which reads low: XLA
+cannot count the compiled kernel gradient, an FFI call, or counts the matmul form differently), the ratio to the PyTorch twin of the same network (torch-imsahlo
 for the imsahlo rows, torch for jax-lax and jax-conv2d; the first variant for unet and unet-lax,
 the wider registry U-Net that has no twin, and when the twin is not run), the
 process's peak RSS while that variant ran (includes the other variants' resident state) and the
@@ -87,7 +87,7 @@ ALL_VARIANTS = (
     "torch-imsahlo",
 )
 # Whose XLA FLOP count a variant's GFLOP/s uses, best first (the variant's own count comes last):
-# the plain-lax twin, because XLA counts the conv2d kernel gradient differently.
+# the plain-lax twin, because XLA cannot count conv2d's compiled kernel gradient (an FFI call).
 FLOP_SOURCES = {
     "jax-conv2d": ("jax-lax",),
     "torch": ("jax-lax", "jax-conv2d"),
