@@ -36,15 +36,20 @@ def use_xla_formulations(monkeypatch):
     monkeypatch.setattr(conv, "MATMUL_KERNEL_GRAD_MIN_BYTES", 0)
 
 
-@pytest.fixture(params=["ffi", "matmul"])
-def cpu_kernel_grad(request, monkeypatch):
-    """Runs a test once with each CPU kernel-gradient formulation."""
-    if request.param == "ffi":
+def use_formulation(name: str, monkeypatch) -> None:
+    """"ffi": the compiled handler, which must build wherever a compiler exists; else the XLA forms."""
+    if name == "ffi":
         if not HAS_COMPILER:
             pytest.skip("no C++ compiler on this machine: conv2d uses the XLA formulations")
         assert conv_ffi.available()
     else:
         use_xla_formulations(monkeypatch)
+
+
+@pytest.fixture(params=["ffi", "matmul"])
+def cpu_kernel_grad(request, monkeypatch):
+    """Runs a test once with each CPU kernel-gradient formulation."""
+    use_formulation(request.param, monkeypatch)
     return request.param
 
 
@@ -160,10 +165,7 @@ def test_vmap_shared_kernel_with_chunks(cpu_kernel_grad, monkeypatch):
     "formulation, kernel_size, threshold", [("ffi", 3, 0), ("matmul", 3, 0), ("xla", 3, 1 << 40), ("matmul", 1, 0)]
 )
 def test_bfloat16_gradients_keep_dtypes(formulation, kernel_size, threshold, monkeypatch):
-    if formulation == "ffi" and not HAS_COMPILER:
-        pytest.skip("no C++ compiler on this machine: conv2d uses the XLA formulations")
-    if formulation != "ffi":
-        use_xla_formulations(monkeypatch)
+    use_formulation(formulation, monkeypatch)
     monkeypatch.setattr(conv, "MATMUL_KERNEL_GRAD_MIN_BYTES", threshold)
     x, kernel = random_pair((2, 16, 16, 32), (kernel_size, kernel_size, 32, 32))  # large enough for a dot thunk
     x, kernel = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
