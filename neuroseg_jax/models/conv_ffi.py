@@ -157,13 +157,10 @@ def _compiler() -> str:
 
 def _cpu_description() -> str:
     """What -march=native compiles for: the CPU's feature flags where Linux lists them."""
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    cpuinfo = pathlib.Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    flags = [line for line in lines if line.startswith(("flags", "Features"))]
+    return flags[0] if flags else platform.processor() or platform.machine()
 
 
 def _cache_dir() -> pathlib.Path:
