@@ -26,7 +26,7 @@ from neuroseg_jax.models import conv, conv_ffi
 from neuroseg_jax.models.conv import conv2d
 
 REPO = Path(__file__).resolve().parents[1]
-HAS_COMPILER = any(shutil.which(name) for name in filter(None, (os.environ.get("CXX"), "c++", "g++", "clang++")))
+HAS_COMPILER = conv_ffi.find_compiler() is not None
 
 
 def use_xla_formulations(monkeypatch):

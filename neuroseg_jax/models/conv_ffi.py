@@ -148,11 +148,12 @@ def _build_and_register() -> bool:
     return True
 
 
-def _compiler() -> str:
+def find_compiler() -> str | None:
+    """Path of the C++ compiler the handler is built with ($CXX, c++, g++ or clang++), or None."""
     for candidate in (os.environ.get("CXX"), "c++", "g++", "clang++"):
         if candidate and shutil.which(candidate):
             return shutil.which(candidate)
-    raise RuntimeError("no C++ compiler found ($CXX, c++, g++ or clang++)")
+    return None
 
 
 def _cpu_description() -> str:
@@ -172,7 +173,9 @@ def _cache_dir() -> pathlib.Path:
 
 def _build() -> pathlib.Path:
     """Path of the compiled handler library, compiling it unless the cache has it."""
-    compiler = _compiler()
+    compiler = find_compiler()
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found ($CXX, c++, g++ or clang++)")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256()
     for part in (SOURCE.read_bytes(), importlib.metadata.version("jaxlib").encode(), compiler.encode(), version.encode(),
