@@ -27,12 +27,12 @@ and compares logits and gradients on a 1x64x96 image.
 
 Prints s/step (median of --steps after one warm-up step), GFLOP/s against XLA's FLOP count of
 the plain-lax twin (jax-lax for jax-conv2d and torch, unet-lax for unet, imsahlo-lax for imsahlo
-and torch-imsahlo; when that twin is not run, the conv2d variant's count, which reads low: XLA
-cannot count the compiled kernel gradient, an FFI call, or counts the matmul form differently), the ratio to the PyTorch twin of the same network (torch-imsahlo
-for the imsahlo rows, torch for jax-lax and jax-conv2d; the first variant for unet and unet-lax,
-the wider registry U-Net that has no twin, and when the twin is not run), the
-process's peak RSS while that variant ran (includes the other variants' resident state) and the
-step's growth over it (with --host-memory reuse, memory freed by the variant before counts as
+and torch-imsahlo; counted from the twin's lowering when it is not run, because XLA cannot count
+the conv2d variants' compiled convolution kernels, FFI calls), the ratio to the PyTorch twin of
+the same network (torch-imsahlo for the imsahlo rows, torch for jax-lax and jax-conv2d; the first
+variant for unet and unet-lax, the wider registry U-Net that has no twin, and when the twin is not
+run), the process's peak RSS while that variant ran (includes the other variants' resident state)
+and the step's growth over it (with --host-memory reuse, memory freed by the variant before counts as
 resident, so the growth shows only what a step needed beyond it).
 
 Both frameworks share the process's malloc settings: by default the policy launch/*.py set
@@ -86,8 +86,8 @@ ALL_VARIANTS = (
     "imsahlo-lax",
     "torch-imsahlo",
 )
-# Whose XLA FLOP count a variant's GFLOP/s uses, best first (the variant's own count comes last):
-# the plain-lax twin, because XLA cannot count conv2d's compiled kernel gradient (an FFI call).
+# Whose XLA FLOP count a variant's GFLOP/s uses, best first: the plain-lax twin, because XLA cannot
+# count conv2d's compiled convolution kernels (FFI calls); its lowering is counted when it did not run.
 FLOP_SOURCES = {
     "jax-conv2d": ("jax-lax",),
     "torch": ("jax-lax", "jax-conv2d"),
@@ -222,10 +222,8 @@ def parameter_count(params: Any) -> int:
     return sum(leaf.size for leaf in jax.tree_util.tree_leaves(params))
 
 
-def jax_step_runner(
-    model: nn.Module, images: np.ndarray, labels: np.ndarray, apply_kwargs: dict
-):
-    """Returns (run_one_step, xla_flops, n_params) for a jitted Adam step of `model`."""
+def jax_step(model: nn.Module, images: np.ndarray, labels: np.ndarray, apply_kwargs: dict):
+    """(jitted Adam step of `model`, its arguments (params, opt_state, images, labels), parameter count)."""
     tx = optax.adam(1e-3)
     variables = model.init(
         jax.random.PRNGKey(0), jnp.asarray(images[:1]), **apply_kwargs
@@ -248,10 +246,21 @@ def jax_step_runner(
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    images, labels = jnp.asarray(images), jnp.asarray(labels)
-    compiled = step.lower(params, opt_state, images, labels).compile()
-    cost = compiled.cost_analysis()
+    arguments = (params, opt_state, jnp.asarray(images), jnp.asarray(labels))
+    return step, arguments, parameter_count(params)
+
+
+def xla_flops(cost: Any) -> float:
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", float("nan")))
+
+
+def jax_step_runner(
+    model: nn.Module, images: np.ndarray, labels: np.ndarray, apply_kwargs: dict
+):
+    """Returns (run_one_step, xla_flops, n_params) for a jitted Adam step of `model`."""
+    step, (params, opt_state, images, labels), n_params = jax_step(model, images, labels, apply_kwargs)
+    compiled = step.lower(params, opt_state, images, labels).compile()
     state = {"params": params, "opt_state": opt_state}
 
     def run() -> None:
@@ -260,7 +269,7 @@ def jax_step_runner(
         )
         loss.block_until_ready()
 
-    return run, float(cost.get("flops", float("nan"))), parameter_count(params)
+    return run, xla_flops(compiled.cost_analysis()), n_params
 
 
 def registry_model(name: str) -> nn.Module:
@@ -322,18 +331,33 @@ def build_variant(
         if n_params != jax_params:
             raise RuntimeError(f"{name} has {n_params} parameters, its JAX twin {jax_params}")
         return run, None, n_params
+    return with_jax_variant(name, lambda model, kwargs: jax_step_runner(model, images, labels, kwargs))
+
+
+def with_jax_variant(name: str, use: Callable[[nn.Module, dict], Any]) -> Any:
+    """use(model, apply_kwargs) for JAX variant `name`, with the variant's convolution in place while
+    `use` traces the model."""
     if name == "jax-lax":
-        return jax_step_runner(BenchUNet(lax_conv2d), images, labels, {})
+        return use(BenchUNet(lax_conv2d), {})
     if name == "jax-conv2d":
-        return jax_step_runner(BenchUNet(conv_module.conv2d, codebase_layers=True), images, labels, {})
+        return use(BenchUNet(conv_module.conv2d, codebase_layers=True), {})
     model_name, _, baseline = name.partition("-")
-    model = registry_model(model_name)
     original = layers.conv2d
     layers.conv2d = lax_conv2d if baseline else conv_module.conv2d
-    try:  # the conv function is looked up when the step is traced, i.e. inside jax_step_runner
-        return jax_step_runner(model, images, labels, {"train": True})
+    try:
+        return use(registry_model(model_name), {"train": True})
     finally:
         layers.conv2d = original
+
+
+def lowered_flops(name: str, images: np.ndarray, labels: np.ndarray) -> float:
+    """XLA's FLOP count of JAX variant `name`'s compiled step (compiled, not run)."""
+
+    def count(model, kwargs):
+        step, arguments, _ = jax_step(model, images, labels, kwargs)
+        return xla_flops(step.lower(*arguments).compile().cost_analysis())
+
+    return with_jax_variant(name, count)
 
 
 def check_imsahlo_twin(height: int = 64, width: int = 96) -> None:
@@ -482,10 +506,15 @@ def main() -> None:
             print(f"round {round_index} {name}: {elapsed:.3f} s", flush=True)
 
     def reference_flops(name: str) -> float:
-        for source in (*FLOP_SOURCES.get(name, ()), name):
+        """The plain-lax twin's count: from its compiled step where it ran, else from its lowering."""
+        sources = FLOP_SOURCES.get(name, ())
+        for source in sources:
             if flops.get(source):
                 return flops[source]
-        return float("nan")
+        if sources and sources[0] not in flops:
+            flops[sources[0]] = lowered_flops(sources[0], images, labels)
+            return flops[sources[0]]
+        return flops.get(name) or float("nan")
 
     jiffies = [after - before for after, before in zip(cpu_jiffies(), jiffies_before)]
     medians = {name: statistics.median(samples) for name, samples in times.items()}

@@ -1,9 +1,10 @@
 """conv2d: values and gradients equal those of plain `lax.conv_general_dilated`.
 
-Both CPU kernel gradients of the custom VJP, the compiled FFI handler (`conv_ffi`) and the XLA
-matrix-product form it replaces where no compiler is found, must agree with JAX's own derivative of
-the plain convolution for every stride, dilation, padding, group count and odd size, under jit,
-vmap and a sharded multi-device mesh.
+Both CPU formulations, the compiled FFI handlers (`conv_ffi`: the kernel gradient of every
+convolution, Winograd's forward, input and kernel gradient of 3x3 stride-1 ones) and the XLA forms
+they replace where no compiler is found, must agree with the plain convolution and JAX's own derivative
+of it for every stride, dilation, padding, group count and odd size, under jit, vmap and a sharded
+multi-device mesh.
 """
 
 import json
@@ -32,16 +33,18 @@ HAS_COMPILER = conv_ffi.find_compiler() is not None
 def use_xla_formulations(monkeypatch):
     """The CPU kernel gradient without the compiled handler; tiny test maps would keep XLA's own
     kernel gradient, so the matmul form is forced."""
-    monkeypatch.setattr(conv, "_ffi_kernel_grad_available", lambda: False)
+    monkeypatch.setattr(conv, "_ffi_available", lambda: False)
     monkeypatch.setattr(conv, "MATMUL_KERNEL_GRAD_MIN_BYTES", 0)
 
 
 def use_formulation(name: str, monkeypatch) -> None:
-    """"ffi": the compiled handler, which must build wherever a compiler exists; else the XLA forms."""
+    """"ffi": the compiled handlers, which must build wherever a compiler exists, Winograd's for every
+    3x3 stride-1 convolution however small; else the XLA forms."""
     if name == "ffi":
         if not HAS_COMPILER:
             pytest.skip("no C++ compiler on this machine: conv2d uses the XLA formulations")
         assert conv_ffi.available()
+        monkeypatch.setattr(conv, "WINOGRAD_MIN_TILES", 0)
     else:
         use_xla_formulations(monkeypatch)
 
@@ -91,11 +94,24 @@ CASES = [
     ((1, 9, 8, 6), (3, 3, 6, 6), (1, 1), "SAME_LOWER", (1, 3), 1),
     ((2, 10, 9, 4), (3, 3, 2, 6), (1, 1), "SAME", (1, 2), 2),  # grouped
     ((1, 8, 8, 4), (3, 3, 1, 4), (2, 2), "VALID", (1, 1), 4),  # depthwise
-    # Handler register blocks: 39 product rows (3 blocks of 12 + 3), 37 and 21 output channels
-    # (full vector pairs, a single vector and a zero-padded tail), rows longer than a tile.
-    ((2, 11, 13, 13), (3, 3, 13, 37), (1, 1), "SAME", (1, 1), 1),
+    # Direct kernel-gradient handler's register blocks (strided, so not Winograd's): 39 product rows
+    # (3 blocks of 12 + 3), 37 and 21 output channels (full vector pairs, a single vector and a
+    # zero-padded tail), rows longer than a tile.
+    ((2, 11, 13, 13), (3, 3, 13, 37), (2, 1), "SAME", (1, 1), 1),
     ((1, 9, 40, 5), (3, 3, 5, 21), (2, 1), ((1, 1), (2, 0)), (1, 2), 1),
+    ((1, 3, 1200, 2), (3, 3, 2, 3), (1, 2), "SAME", (1, 1), 1),
+    # The same shapes through the Winograd handlers, and dilated ones (phases of unequal length).
+    ((2, 11, 13, 13), (3, 3, 13, 37), (1, 1), "SAME", (1, 1), 1),
     ((1, 3, 600, 2), (3, 3, 2, 3), (1, 1), "SAME", (1, 1), 1),
+    ((2, 11, 13, 13), (3, 3, 13, 37), (1, 1), "SAME", (2, 3), 1),
+    ((1, 10, 11, 5), (3, 3, 5, 7), (1, 1), ((3, 1), (0, 4)), (3, 2), 1),
+    # Winograd forward and input gradient (3x3, stride 1): pads wider than the kernel and negative
+    # (outputs past the image, tiles cut at odd edges), channel tails, a single pixel, and a row
+    # of 550 tiles, more than one block.
+    ((1, 5, 7, 20), (3, 3, 20, 3), (1, 1), ((2, 0), (0, 3)), (1, 1), 1),
+    ((2, 8, 6, 17), (3, 3, 17, 33), (1, 1), ((-1, 1), (1, -1)), (1, 1), 1),
+    ((1, 1, 1, 4), (3, 3, 4, 6), (1, 1), "SAME", (1, 1), 1),
+    ((1, 4, 1100, 16), (3, 3, 16, 32), (1, 1), "SAME", (1, 1), 1),
 ]
 
 
@@ -239,6 +255,21 @@ def test_bad_ranks_raise():
         conv2d(jnp.zeros((5, 5, 4)), jnp.zeros((3, 3, 4, 2)))
 
 
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler on this machine")
+@pytest.mark.parametrize("batch, height, width, winograd", [(2, 16, 16, True), (1, 15, 29, False), (1, 15, 31, True)])
+def test_winograd_only_from_min_tiles(batch, height, width, winograd):
+    """3x3 stride-1 convolutions with at least WINOGRAD_MIN_TILES 2x2 output tiles (128: 2x16x16,
+    1x15x31) run forward, input and kernel gradient through the Winograd handlers, smaller ones
+    through XLA and the direct kernel-gradient handler."""
+    assert conv_ffi.available()
+    x, kernel = random_pair((batch, height, width, 4), (3, 3, 4, 8))
+    step = jax.jit(jax.grad(loss_of(lambda a, b: conv2d(a, b)), (0, 1)))
+    hlo = step.lower(x, kernel).compile().as_text()
+    assert hlo.count('custom_call_target="neuroseg_conv_winograd"') == (2 if winograd else 0)
+    assert hlo.count('custom_call_target="neuroseg_conv_winograd_kernel_grad"') == (1 if winograd else 0)
+    assert hlo.count('custom_call_target="neuroseg_conv_kernel_grad"') == (0 if winograd else 1)
+
+
 SHARDED_SCRIPT = textwrap.dedent(
     """
     import jax, jax.numpy as jnp, numpy as np
@@ -246,6 +277,8 @@ SHARDED_SCRIPT = textwrap.dedent(
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from neuroseg_jax.models import conv
     from neuroseg_jax.models.conv import conv2d
+
+    available, default_chunk = conv._ffi_available, conv.CHUNK_POSITIONS
 
     assert jax.device_count() == 4, jax.devices()
     mesh = Mesh(np.array(jax.devices()).reshape(4), ("data",))
@@ -258,26 +291,34 @@ SHARDED_SCRIPT = textwrap.dedent(
     def loss(conv_fn, a, b):
         return jnp.sum(jnp.sin(conv_fn(a, b)))
 
-    plain = lambda a, b: lax.conv_general_dilated(a, b, (1, 2), "SAME", rhs_dilation=(2, 1),
-                                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    ours = lambda a, b: conv2d(a, b, strides=(1, 2), padding="SAME", dilation=(2, 1))
-    expected = jax.jit(jax.grad(lambda a, b: loss(plain, a, b), (0, 1)))(x, kernel)
-    conv.MATMUL_KERNEL_GRAD_MIN_BYTES = 0
-    use_ffi = conv._ffi_kernel_grad_available()
-    assert use_ffi == HAS_COMPILER
-    for ffi, chunk in ((use_ffi, conv.CHUNK_POSITIONS), (False, conv.CHUNK_POSITIONS), (False, 6)):
-        conv._ffi_kernel_grad_available = lambda: ffi
-        conv.CHUNK_POSITIONS = chunk
-        step = jax.jit(jax.grad(lambda a, b: loss(ours, a, b), (0, 1)))
-        got = step(x, kernel)
-        assert got[0].sharding.is_equivalent_to(x.sharding, 4), got[0].sharding
-        for g, e in zip(got, expected):
-            np.testing.assert_allclose(g, e, rtol=2e-5, atol=2e-5 * float(jnp.max(jnp.abs(e))))
-        if ffi:  # one call per device on its 2 images, then a sum over the devices
-            hlo = step.lower(x, kernel).compile().as_text()
-            calls = [line for line in hlo.splitlines() if 'custom_call_target="neuroseg_conv_kernel_grad"' in line]
-            assert calls and all("operand_layout_constraints={f32[2," in line for line in calls), calls
-            assert "all-reduce" in hlo
+    # A strided, dilated convolution (kernel-gradient handler) and a 3x3 stride-1 one (Winograd's).
+    for strides, dilation in (((1, 2), (2, 1)), ((1, 1), (1, 1))):
+        plain = lambda a, b: lax.conv_general_dilated(a, b, strides, "SAME", rhs_dilation=dilation,
+                                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        ours = lambda a, b: conv2d(a, b, strides=strides, padding="SAME", dilation=dilation)
+        expected = jax.jit(jax.grad(lambda a, b: loss(plain, a, b), (0, 1)))(x, kernel)
+        conv.MATMUL_KERNEL_GRAD_MIN_BYTES = conv.WINOGRAD_MIN_TILES = 0
+        use_ffi = available()
+        assert use_ffi == HAS_COMPILER
+        for ffi, chunk in ((use_ffi, default_chunk), (False, default_chunk), (False, 6)):
+            conv._ffi_available = lambda: ffi
+            conv.CHUNK_POSITIONS = chunk
+            step = jax.jit(jax.grad(lambda a, b: loss(ours, a, b), (0, 1)))
+            got = step(x, kernel)
+            assert got[0].sharding.is_equivalent_to(x.sharding, 4), got[0].sharding
+            for g, e in zip(got, expected):
+                np.testing.assert_allclose(g, e, rtol=2e-5, atol=2e-5 * float(jnp.max(jnp.abs(e))))
+            if ffi:  # one call per device on its 2 images (the kernel gradient then summed over devices)
+                hlo = step.lower(x, kernel).compile().as_text()
+                targets = (
+                    ["neuroseg_conv_winograd", "neuroseg_conv_winograd_kernel_grad"]
+                    if strides == (1, 1)
+                    else ["neuroseg_conv_kernel_grad"]
+                )
+                for target in targets:
+                    calls = [line for line in hlo.splitlines() if f'custom_call_target="{target}"' in line]
+                    assert calls and all("operand_layout_constraints={f32[2," in line for line in calls), calls
+                assert "all-reduce" in hlo
     print("sharded ok")
     """
 )
