@@ -212,12 +212,12 @@ void RunParts(ffi::ThreadPool& pool, int64_t count, std::function<void(int64_t)>
 //
 // The kernel gradient of the same convolution (WinogradKernelGradTiles) uses the same input transform.
 //
-// Tiles (flattened over n, tile row, tile column) are split between threads and processed a block
-// at a time, the block's transformed values tile-major, so each tile's 16 are contiguous.
-// Tile-major V also keeps the 16 output streams of the input transform from mapping onto the same
-// cache sets, which slowed a [xi][tile][c] layout 2-4x. Values are loaded and stored through
-// Load/Store overloads rather than templates on the vector type: a template argument would drop
-// Vec's alignment attribute and the compiler would emit aligned accesses to unaligned addresses.
+// Tiles (flattened over n, dilation phase, tile row, tile column) are split between threads and
+// processed a block at a time, the block's transformed values tile-major, so each tile's 16 are
+// contiguous. Tile-major V also keeps the 16 output streams of the input transform from mapping
+// onto the same cache sets, which slowed a [xi][tile][c] layout 2-4x. Values are loaded and stored
+// through Load/Store overloads rather than templates on the vector type: a template argument would
+// drop Vec's alignment attribute and the compiler would emit aligned accesses to unaligned addresses.
 
 inline Vec Load(const float* p, std::true_type) { return *reinterpret_cast<const Vec*>(p); }
 inline float Load(const float* p, std::false_type) { return *p; }
