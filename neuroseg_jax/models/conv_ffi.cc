@@ -580,24 +580,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NeurosegConvKernelGrad, KernelGrad,
                                   .Attr<int64_t>("dh")
                                   .Attr<int64_t>("dw"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NeurosegConvWinograd, ConvWinograd,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<Array4>()
-                                  .Arg<Array4>()
-                                  .Ret<Array4>()
-                                  .Attr<int64_t>("pt")
-                                  .Attr<int64_t>("pl")
-                                  .Attr<int64_t>("dh")
-                                  .Attr<int64_t>("dw"));
+// Both Winograd handlers: two arrays in, one out, the input's top-left shift and the dilation.
+static auto WinogradBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<Array4>()
+      .Arg<Array4>()
+      .Ret<Array4>()
+      .Attr<int64_t>("pt")
+      .Attr<int64_t>("pl")
+      .Attr<int64_t>("dh")
+      .Attr<int64_t>("dw");
+}
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NeurosegConvKernelGradWinograd, KernelGradWinograd,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<Array4>()
-                                  .Arg<Array4>()
-                                  .Ret<Array4>()
-                                  .Attr<int64_t>("pt")
-                                  .Attr<int64_t>("pl")
-                                  .Attr<int64_t>("dh")
-                                  .Attr<int64_t>("dw"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NeurosegConvWinograd, ConvWinograd, WinogradBinding());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NeurosegConvKernelGradWinograd, KernelGradWinograd, WinogradBinding());

@@ -42,6 +42,7 @@ import subprocess
 import tempfile
 import threading
 import warnings
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -144,12 +145,28 @@ def _batch_axes(sharding) -> str | tuple[str, ...] | None:
 _calls: dict[tuple, jax.custom_batching.custom_vmap] = {}
 
 
-def _kernel_grad_call(ffi_call, geometry: tuple[int, ...]):
-    """ffi_call(inputs, out_grad, geometry), a kernel gradient, for one (static) geometry, made
-    shardable and vmappable; built once."""
-    key = (ffi_call.__name__, geometry)
+def _shardable_call(key: tuple, ffi_call, infer_sharding, partition, sharding_rule: str, vmap_rule):
+    """ffi_call(a, b) made shardable (`custom_partitioning` with these rules) and vmappable
+    (vmap_rule(call, axis_size, in_batched, a, b)); built once per `key`."""
     if key in _calls:
         return _calls[key]
+    partitioned = custom_partitioning(ffi_call)
+    partitioned.def_partition(
+        infer_sharding_from_operands=infer_sharding, partition=partition, sharding_rule=sharding_rule
+    )
+
+    @jax.custom_batching.custom_vmap
+    def call(a, b):
+        return partitioned(a, b)
+
+    call.def_vmap(partial(vmap_rule, call))
+    _calls[key] = call
+    return call
+
+
+def _kernel_grad_call(ffi_call, geometry: tuple[int, ...]):
+    """ffi_call(inputs, out_grad, geometry), a kernel gradient, for one (static) geometry, made
+    shardable and vmappable."""
 
     def infer_sharding(mesh, arg_shapes, result_shape):
         return NamedSharding(mesh, P())
@@ -160,35 +177,28 @@ def _kernel_grad_call(ffi_call, geometry: tuple[int, ...]):
         axes = _batch_axes(arg_shapes[1].sharding)
         operand_sharding = NamedSharding(mesh, P(axes))
 
-        def per_shard(padded_inputs, out_grad):
-            partial_sum = ffi_call(padded_inputs, out_grad, geometry)
+        def per_shard(inputs, out_grad):
+            partial_sum = ffi_call(inputs, out_grad, geometry)
             return partial_sum if axes is None else lax.psum(partial_sum, axes)
 
         return mesh, per_shard, NamedSharding(mesh, P()), (operand_sharding, operand_sharding)
 
-    partitioned = custom_partitioning(lambda x, g: ffi_call(x, g, geometry))
+    def one_call_per_element(call, axis_size, in_batched, inputs, out_grad):
+        return lax.map(lambda pair: call(*pair), _broadcast_unbatched(axis_size, in_batched, (inputs, out_grad))), True
+
     # The batch factor b appears in neither output dimension: it is summed over.
-    partitioned.def_partition(
-        infer_sharding_from_operands=infer_sharding, partition=partition, sharding_rule="b h w c, b y x o -> i j c o"
+    return _shardable_call(
+        (ffi_call.__name__, geometry),
+        lambda x, g: ffi_call(x, g, geometry),
+        infer_sharding,
+        partition,
+        "b h w c, b y x o -> i j c o",
+        one_call_per_element,
     )
-
-    @jax.custom_batching.custom_vmap
-    def call(padded_inputs, out_grad):
-        return partitioned(padded_inputs, out_grad)
-
-    @call.def_vmap
-    def one_call_per_element(axis_size, in_batched, padded_inputs, out_grad):
-        return lax.map(lambda pair: call(*pair), _broadcast_unbatched(axis_size, in_batched, (padded_inputs, out_grad))), True
-
-    _calls[key] = call
-    return call
 
 
 def _winograd_call(geometry: tuple[int, ...]):
-    """The Winograd convolution for one (static) geometry, made shardable and vmappable; built once."""
-    key = ("winograd", geometry)
-    if key in _calls:
-        return _calls[key]
+    """The Winograd convolution for one (static) geometry, made shardable and vmappable."""
 
     def infer_sharding(mesh, arg_shapes, result_shape):
         return NamedSharding(mesh, P(_batch_axes(arg_shapes[0].sharding)))
@@ -202,17 +212,7 @@ def _winograd_call(geometry: tuple[int, ...]):
 
         return mesh, per_shard, batch_sharding, (batch_sharding, NamedSharding(mesh, P()))
 
-    partitioned = custom_partitioning(lambda x, k: _winograd_ffi(x, k, geometry))
-    partitioned.def_partition(
-        infer_sharding_from_operands=infer_sharding, partition=partition, sharding_rule="b h w c, i j c o -> b y x o"
-    )
-
-    @jax.custom_batching.custom_vmap
-    def call(inputs, kernel):
-        return partitioned(inputs, kernel)
-
-    @call.def_vmap
-    def batched_call(axis_size, in_batched, inputs, kernel):
+    def batched_call(call, axis_size, in_batched, inputs, kernel):
         if not in_batched[1]:
             # A shared kernel: the mapped axis joins the batch.
             if not in_batched[0]:
@@ -221,8 +221,14 @@ def _winograd_call(geometry: tuple[int, ...]):
             return folded.reshape(axis_size, -1, *folded.shape[1:]), True
         return lax.map(lambda pair: call(*pair), _broadcast_unbatched(axis_size, in_batched, (inputs, kernel))), True
 
-    _calls[key] = call
-    return call
+    return _shardable_call(
+        ("winograd", geometry),
+        lambda x, k: _winograd_ffi(x, k, geometry),
+        infer_sharding,
+        partition,
+        "b h w c, i j c o -> b y x o",
+        batched_call,
+    )
 
 
 def _broadcast_unbatched(axis_size: int, in_batched, operands: tuple) -> tuple:
