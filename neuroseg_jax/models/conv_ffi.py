@@ -9,10 +9,10 @@ Three handlers, used by `conv.conv2d` on the CPU:
   oneDNN). The handler splits the output rows between the threads of XLA's intra-op pool, each
   summing its own register-blocked product, and reaches 160-190 GFLOP/s on 16x16 to 512x768 maps
   with 32 to 1024 channels (oneDNN's own backward-weights kernel: ~170).
-- `winograd_conv`: a 3x3 stride-1 convolution, dilated or not, by Winograd's F(2x2, 3x3) algorithm (2.25x fewer
-  multiply-adds than the direct sum), for the forward pass and the input gradient of every such
-  layer: 1.2-1.9x faster than XLA's own convolution on the benchmark U-Net's layers, at the same
-  float32 accuracy to ~1e-7 relative (module doc of `conv_ffi.cc`);
+- `winograd_conv`: a 3x3 stride-1 convolution, dilated or not, by Winograd's F(2x2, 3x3)
+  algorithm (2.25x fewer multiply-adds than the direct sum), for the forward pass and the input
+  gradient of every such layer: 1.2-1.9x faster than XLA's own convolution on the benchmark
+  U-Net's layers, at the same float32 accuracy to ~1e-7 relative (notes in `conv_ffi.cc`);
 - `winograd_kernel_grad`: the kernel gradient of those layers by the transposed algorithm,
   F(3x3, 2x2): 1.4-1.7x faster than `kernel_grad` on the same layers.
 
@@ -23,10 +23,10 @@ takes a few seconds once per machine. Without a compiler, or if the build fails,
 why and `conv2d` keeps the XLA formulations (same results, slower). `NEUROSEG_JAX_CPU_FFI=0` turns
 the handlers off.
 
-Both are usable under `jit`, `vmap` and sharding: a batch sharded over mesh axes gives one call per
-shard (the kernel gradient then sums over those axes); under `vmap`, the kernel gradient makes one
-call per element, the Winograd convolution folds the mapped axis into the batch when the kernel is
-shared.
+All three are usable under `jit`, `vmap` and sharding: a batch sharded over mesh axes gives one
+call per shard (the kernel gradients then sum over those axes); under `vmap`, the kernel gradients
+make one call per element, the Winograd convolution folds the mapped axis into the batch when the
+kernel is shared.
 """
 
 from __future__ import annotations
