@@ -112,6 +112,10 @@ CASES = [
     ((2, 8, 6, 17), (3, 3, 17, 33), (1, 1), ((-1, 1), (1, -1)), (1, 1), 1),
     ((1, 1, 1, 4), (3, 3, 4, 6), (1, 1), "SAME", (1, 1), 1),
     ((1, 4, 1100, 16), (3, 3, 16, 32), (1, 1), "SAME", (1, 1), 1),
+    # Few channels (shifted-plane sums): IMSAHLO's spatial attention, and 8 channel pairs with
+    # dilation and wide, negative and uneven pads.
+    ((2, 12, 10, 2), (7, 7, 2, 1), (1, 1), "SAME", (1, 1), 1),
+    ((1, 9, 8, 1), (3, 3, 1, 8), (1, 1), ((3, 0), (-1, 2)), (2, 1), 1),
 ]
 
 
@@ -269,6 +273,18 @@ def test_winograd_only_from_min_tiles(batch, height, width, winograd):
     assert hlo.count('custom_call_target="neuroseg_conv_winograd_kernel_grad"') == (1 if winograd else 0)
     assert hlo.count('custom_call_target="neuroseg_conv_kernel_grad"') == (0 if winograd else 1)
 
+
+
+@pytest.mark.parametrize("kernel_shape, thin", [((7, 7, 2, 1), True), ((3, 3, 1, 8), True), ((3, 3, 2, 5), False)])
+def test_thin_convolutions_run_without_xla_convolution(kernel_shape, thin, monkeypatch):
+    """Up to THIN_MAX_CHANNEL_PAIRS (8) channel pairs, forward and input gradient are shifted-plane
+    sums on the CPU: no convolution in the compiled step (the kernel gradient is the direct
+    handler where it is built, XLA's own convolution otherwise)."""
+    monkeypatch.setattr(conv, "WINOGRAD_MIN_TILES", 1 << 30)
+    x, kernel = random_pair((2, 16, 16, kernel_shape[2]), kernel_shape)
+    forward_and_input_grad = jax.jit(jax.grad(loss_of(lambda a, b: conv2d(a, b)), 0))
+    hlo = forward_and_input_grad.lower(x, kernel).compile().as_text()
+    assert (" convolution(" not in hlo) == thin
 
 SHARDED_SCRIPT = textwrap.dedent(
     """

@@ -48,6 +48,11 @@ channel-transposed kernel (and the same dilation). In one process against the XL
 the direct kernel-gradient handler, the benchmark U-Net's step went from 4.3-4.5 to 3.7-3.9 s with
 Winograd's forward and input gradient, and to 3.0 s with its kernel gradient too; IMSAHLO's (whose
 dense blocks add dilated 3x3 convolutions) from 10.1 to 7.5 s.
+
+Stride-1 convolutions with at most `THIN_MAX_CHANNEL_PAIRS` (input, output) channel pairs, such as
+IMSAHLO's 7x7 2->1 spatial attention, run forward and input gradient on the CPU as sums of shifted
+image planes (`_shifted_planes_conv`; 93 -> 6 ms forward at 2x512x768), the input gradient again as
+the correlation with the flipped kernel; their kernel gradient is the handler's (or XLA's).
 Other input gradients stay XLA's transposed convolution: measured at 80-190 GFLOP/s
 (uncontended), as fast as the forward pass. On GPU/TPU (`lax.platform_dependent`) the kernel
 gradient is XLA's own, except for dilated convolutions on NVIDIA/AMD GPUs: XLA's GPU compiler does
@@ -81,6 +86,13 @@ MATMUL_KERNEL_GRAD_MIN_BYTES = 4 << 20
 # channels, transforming the kernel costs more than it saves (2x8x12 1024->1024: 43 against XLA's
 # 27 ms; 2x16x24, 192 tiles: 72 against 80).
 WINOGRAD_MIN_TILES = 128
+
+# Stride-1 convolutions with at most this many (input, output) channel pairs run forward and input
+# gradient on the CPU as sums of shifted image planes (`_shifted_planes_conv`). XLA's CPU convolution
+# takes 20-90 ms at 2x512x768 for these whatever their size; measured there: IMSAHLO's 7x7 2->1
+# spatial attention 93 against 6 ms, 3x3 1->8 20 against 11, 3x3 2->2 30 against 3; 3x3 1->16
+# (16 pairs) was 20 against 29.
+THIN_MAX_CHANNEL_PAIRS = 8
 
 # Output positions per kernel-gradient chunk (module doc); 1024-2048 measured best at 32-256
 # channels, 8192+ was 10-60% slower, 512 no better.
@@ -196,25 +208,53 @@ def _is_winograd(kernel_shape: tuple[int, ...], strides: Pair, batch: int, outpu
     return kernel_shape[:2] == (3, 3) and strides == (1, 1) and tiles >= WINOGRAD_MIN_TILES and _ffi_available()
 
 
-def _winograd_or(
-    xla_conv, inputs: jax.Array, kernel: jax.Array, pad_top_left: Pair, output_size: Pair, dilation: Pair
-) -> jax.Array:
-    """A 3x3 stride-1 convolution (`conv_ffi.winograd_conv`'s arguments): on the CPU by the compiled
-    Winograd handler, elsewhere `xla_conv(inputs, kernel)`, which must compute the same."""
-    return lax.platform_dependent(
-        inputs,
-        kernel,
-        cpu=lambda x, k: conv_ffi.winograd_conv(x, k, pad_top_left, output_size, dilation).astype(x.dtype),
-        default=xla_conv,
+def _is_thin(kernel_shape: tuple[int, ...], strides: Pair) -> bool:
+    """Whether the CPU computes this convolution and its input gradient as shifted-plane sums."""
+    return strides == (1, 1) and kernel_shape[2] * kernel_shape[3] <= THIN_MAX_CHANNEL_PAIRS
+
+
+def _shifted_planes_conv(inputs: jax.Array, kernel: jax.Array, pads: Pads, dilation: Pair) -> jax.Array:
+    """A stride-1 convolution as, per output channel, the sum over taps (i, j) and input channels c
+    of the padded input plane c shifted by (i*dh, j*dw) times k[i, j, c, o], in float32. XLA fuses
+    each sum into one loop along the image width, so few channels cost a few passes over the image."""
+    kh, kw, cin, cout = kernel.shape
+    (dh, dw), zero = dilation, jnp.zeros((), jnp.float32)
+    planes = lax.pad(
+        jnp.moveaxis(inputs, 3, 0).astype(jnp.float32), zero, ((0, 0, 0), (0, 0, 0), (*pads[0], 0), (*pads[1], 0))
     )
+    height, width = planes.shape[2] - (kh - 1) * dh, planes.shape[3] - (kw - 1) * dw
+    weights = kernel.astype(jnp.float32)
+    outputs = []
+    for o in range(cout):
+        total = None
+        for i in range(kh):
+            for j in range(kw):
+                for c in range(cin):
+                    term = planes[c, :, i * dh : i * dh + height, j * dw : j * dw + width] * weights[i, j, c, o]
+                    total = term if total is None else total + term
+        outputs.append(total)
+    # Materialised: fused into a consumer that broadcasts it over channels (IMSAHLO's attention
+    # spreads its 2-channel input gradient over 32), each sum was recomputed once per channel.
+    return lax.optimization_barrier(jnp.stack(outputs, axis=-1))
+
+
+def _on_cpu_or(cpu_conv, xla_conv, inputs: jax.Array, kernel: jax.Array) -> jax.Array:
+    """cpu_conv(inputs, kernel) on the CPU, elsewhere xla_conv(inputs, kernel), which must compute
+    the same convolution."""
+    return lax.platform_dependent(inputs, kernel, cpu=lambda x, k: cpu_conv(x, k).astype(x.dtype), default=xla_conv)
 
 
 def _conv_forward(inputs: jax.Array, kernel: jax.Array, strides: Pair, pads: Pads, dilation: Pair) -> jax.Array:
     (top, bottom), (left, right) = pads
     output_size = (inputs.shape[1] + top + bottom - 2 * dilation[0], inputs.shape[2] + left + right - 2 * dilation[1])
+    xla_conv = partial(_lax_conv, strides=strides, pads=pads, dilation=dilation)
+    if _is_thin(kernel.shape, strides):
+        return _on_cpu_or(partial(_shifted_planes_conv, pads=pads, dilation=dilation), xla_conv, inputs, kernel)
     if _is_winograd(kernel.shape, strides, inputs.shape[0], output_size):
-        xla_conv = partial(_lax_conv, strides=strides, pads=pads, dilation=dilation)
-        return _winograd_or(xla_conv, inputs, kernel, (top, left), output_size, dilation)
+        def winograd(x, k):
+            return conv_ffi.winograd_conv(x, k, (top, left), output_size, dilation)
+
+        return _on_cpu_or(winograd, xla_conv, inputs, kernel)
     return _conv_or_product(inputs, kernel, strides, pads, dilation)
 
 
@@ -232,15 +272,26 @@ def _input_grad(inputs: jax.Array, kernel: jax.Array, strides: Pair, pads: Pads,
         (inputs_grad,) = jax.linear_transpose(lambda x: _conv_or_product(x, kernel, strides, pads, dilation), inputs)(g)
         return inputs_grad
 
-    if _is_winograd(kernel.shape, strides, out_grad.shape[0], out_grad.shape[1:3]):
-        # The transposed convolution of a 3x3 stride-1 one is a 3x3 stride-1 correlation of the
-        # cotangent, with the same dilation d, with the kernel flipped in space and transposed in
-        # channels, shifted by 2d - pad.
-        (top, _), (left, _) = pads
-        flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
-        shift = (2 * dilation[0] - top, 2 * dilation[1] - left)
-        return _winograd_or(xla_input_grad, out_grad, flipped, shift, inputs.shape[1:3], dilation)
-    return xla_input_grad(out_grad)
+    thin = _is_thin(kernel.shape, strides)
+    if not (thin or _is_winograd(kernel.shape, strides, out_grad.shape[0], out_grad.shape[1:3])):
+        return xla_input_grad(out_grad)
+    # The transposed convolution of a stride-1 one is a stride-1 correlation of the cotangent with the
+    # kernel flipped in space and transposed in channels, with the same dilation d, padded by
+    # d*(k - 1) - pad on each side.
+    flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+    transposed_pads = tuple(
+        (d * (k - 1) - low, d * (k - 1) - high) for d, k, (low, high) in zip(dilation, kernel.shape[:2], pads)
+    )
+    if thin:
+        return _on_cpu_or(
+            partial(_shifted_planes_conv, pads=transposed_pads, dilation=dilation), xla_input_grad, out_grad, flipped
+        )
+
+    def winograd(g, k):
+        shift = (transposed_pads[0][0], transposed_pads[1][0])
+        return conv_ffi.winograd_conv(g, k, shift, inputs.shape[1:3], dilation)
+
+    return _on_cpu_or(winograd, xla_input_grad, out_grad, flipped)
 
 
 def _conv_fast_grad_bwd(strides, pads, dilation, residuals, out_grad):
