@@ -25,7 +25,7 @@ Attention, GroupNorm(8), spatial dropout 0.1, bilinear upsampling, float32, 12.0
 the same parameter count (checked when built); `--check` also copies the JAX parameters into it
 and compares logits and gradients on a 1x64x96 image.
 
-Prints s/step (median of --steps after one warm-up step), GFLOP/s against XLA's FLOP count of
+Prints s/step (median of --steps after --warmup untimed steps), GFLOP/s against XLA's FLOP count of
 the plain-lax twin (jax-lax for jax-conv2d and torch, unet-lax for unet, imsahlo-lax for imsahlo
 and torch-imsahlo; counted from the twin's lowering when it is not run, because XLA cannot count
 the conv2d variants' compiled convolution kernels, FFI calls), the ratio to the PyTorch twin of
@@ -431,6 +431,13 @@ def main() -> None:
         "--steps", type=int, default=5, help="timed steps per variant (median)"
     )
     parser.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="untimed steps per variant first: IMSAHLO's second step still ran 1.5-2x slower than the "
+        "later ones (its temporaries' fresh pages)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=len(os.sched_getaffinity(0)),
@@ -492,7 +499,7 @@ def main() -> None:
     peaks: dict[str, float] = {name: 0.0 for name in runners}
     step_growth: dict[str, float] = {name: 0.0 for name in runners}
     jiffies_before = cpu_jiffies()
-    for round_index in range(args.steps + 1):  # round 0 is the warm-up
+    for round_index in range(args.warmup + args.steps):
         for name, run in runners.items():
             peak.reset()
             resident_before = peak.read_mib("VmRSS")
@@ -501,7 +508,7 @@ def main() -> None:
             elapsed = time.perf_counter() - start
             peaks[name] = max(peaks[name], peak.read_mib())
             step_growth[name] = max(step_growth[name], peaks[name] - resident_before)
-            if round_index:
+            if round_index >= args.warmup:
                 times[name].append(elapsed)
             print(f"round {round_index} {name}: {elapsed:.3f} s", flush=True)
 
@@ -527,7 +534,7 @@ def main() -> None:
         return twin[name] if twin.get(name) in medians else next(iter(medians))
 
     print(
-        f"\ntrain step {args.batch}x{height}x{width}, {args.steps} steps, median; "
+        f"\ntrain step {args.batch}x{height}x{width}, median of {args.steps} steps after {args.warmup} untimed; "
         f"1-minute load average before the run: {load_before:.1f}, CPU time stolen by the "
         f"hypervisor during the steps: {100 * jiffies[7] / sum(jiffies):.0f}%; "
         f"XLA threads: {len(os.sched_getaffinity(0))}, torch threads: {args.threads} ({args.torch_layout}); "
