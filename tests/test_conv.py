@@ -162,8 +162,9 @@ def test_chunked_kernel_gradient_matches(case, monkeypatch):
     assert_matches_plain(case, transform=jax.jit)
 
 
-def test_vmap_over_inputs_and_kernels(cpu_kernel_grad):
-    x, kernel = random_pair((3, 2, 7, 9, 4), (3, 3, 3, 4, 5))
+@pytest.mark.parametrize("channels", [(4, 5), (2, 1)], ids=["winograd", "thin"])
+def test_vmap_over_inputs_and_kernels(channels, cpu_kernel_grad):
+    x, kernel = random_pair((3, 2, 7, 9, channels[0]), (3, 3, 3, *channels))
     ours = jax.vmap(jax.grad(loss_of(lambda a, b: conv2d(a, b, padding="SAME")), (0, 1)))
     plain = jax.vmap(jax.grad(loss_of(lambda a, b: plain_conv(a, b, (1, 1), "SAME", (1, 1), 1)), (0, 1)))
     for got, want in zip(jax.jit(ours)(x, kernel), jax.jit(plain)(x, kernel)):
@@ -274,7 +275,6 @@ def test_winograd_only_from_min_tiles(batch, height, width, winograd):
     assert hlo.count('custom_call_target="neuroseg_conv_kernel_grad"') == (0 if winograd else 1)
 
 
-
 @pytest.mark.parametrize("kernel_shape, thin", [((7, 7, 2, 1), True), ((3, 3, 1, 8), True), ((3, 3, 2, 5), False)])
 def test_thin_convolutions_run_without_xla_convolution(kernel_shape, thin, monkeypatch):
     """Up to THIN_MAX_CHANNEL_PAIRS (8) channel pairs, forward and input gradient are shifted-plane
@@ -285,6 +285,7 @@ def test_thin_convolutions_run_without_xla_convolution(kernel_shape, thin, monke
     forward_and_input_grad = jax.jit(jax.grad(loss_of(lambda a, b: conv2d(a, b)), 0))
     hlo = forward_and_input_grad.lower(x, kernel).compile().as_text()
     assert (" convolution(" not in hlo) == thin
+
 
 SHARDED_SCRIPT = textwrap.dedent(
     """
@@ -307,12 +308,19 @@ SHARDED_SCRIPT = textwrap.dedent(
     def loss(conv_fn, a, b):
         return jnp.sum(jnp.sin(conv_fn(a, b)))
 
-    # A strided, dilated convolution (kernel-gradient handler) and a 3x3 stride-1 one (Winograd's).
-    for strides, dilation in (((1, 2), (2, 1)), ((1, 1), (1, 1))):
+    # A strided, dilated convolution (kernel-gradient handler), a 3x3 stride-1 one (Winograd's) and a
+    # thin one (shifted planes forward, Winograd's kernel gradient).
+    cases = (
+        ((1, 2), (2, 1), 5, ["neuroseg_conv_kernel_grad"]),
+        ((1, 1), (1, 1), 5, ["neuroseg_conv_winograd", "neuroseg_conv_winograd_kernel_grad"]),
+        ((1, 1), (2, 1), 2, ["neuroseg_conv_winograd_kernel_grad"]),
+    )
+    for strides, dilation, channels_out, targets in cases:
+        kernel_out = kernel[..., :channels_out]
         plain = lambda a, b: lax.conv_general_dilated(a, b, strides, "SAME", rhs_dilation=dilation,
                                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
         ours = lambda a, b: conv2d(a, b, strides=strides, padding="SAME", dilation=dilation)
-        expected = jax.jit(jax.grad(lambda a, b: loss(plain, a, b), (0, 1)))(x, kernel)
+        expected = jax.jit(jax.grad(lambda a, b: loss(plain, a, b), (0, 1)))(x, kernel_out)
         conv.MATMUL_KERNEL_GRAD_MIN_BYTES = conv.WINOGRAD_MIN_TILES = 0
         use_ffi = available()
         assert use_ffi == HAS_COMPILER
@@ -320,17 +328,12 @@ SHARDED_SCRIPT = textwrap.dedent(
             conv._ffi_available = lambda: ffi
             conv.CHUNK_POSITIONS = chunk
             step = jax.jit(jax.grad(lambda a, b: loss(ours, a, b), (0, 1)))
-            got = step(x, kernel)
+            got = step(x, kernel_out)
             assert got[0].sharding.is_equivalent_to(x.sharding, 4), got[0].sharding
             for g, e in zip(got, expected):
                 np.testing.assert_allclose(g, e, rtol=2e-5, atol=2e-5 * float(jnp.max(jnp.abs(e))))
             if ffi:  # one call per device on its 2 images (the kernel gradient then summed over devices)
-                hlo = step.lower(x, kernel).compile().as_text()
-                targets = (
-                    ["neuroseg_conv_winograd", "neuroseg_conv_winograd_kernel_grad"]
-                    if strides == (1, 1)
-                    else ["neuroseg_conv_kernel_grad"]
-                )
+                hlo = step.lower(x, kernel_out).compile().as_text()
                 for target in targets:
                     calls = [line for line in hlo.splitlines() if f'custom_call_target="{target}"' in line]
                     assert calls and all("operand_layout_constraints={f32[2," in line for line in calls), calls
