@@ -247,7 +247,7 @@ def _on_cpu_or(cpu_conv, xla_conv, inputs: jax.Array, kernel: jax.Array) -> jax.
 def _conv_forward(inputs: jax.Array, kernel: jax.Array, strides: Pair, pads: Pads, dilation: Pair) -> jax.Array:
     (top, bottom), (left, right) = pads
     output_size = (inputs.shape[1] + top + bottom - 2 * dilation[0], inputs.shape[2] + left + right - 2 * dilation[1])
-    xla_conv = partial(_lax_conv, strides=strides, pads=pads, dilation=dilation)
+    xla_conv = partial(_conv_or_product, strides=strides, pads=pads, dilation=dilation)
     if _is_thin(kernel.shape, strides):
         return _on_cpu_or(partial(_shifted_planes_conv, pads=pads, dilation=dilation), xla_conv, inputs, kernel)
     if _is_winograd(kernel.shape, strides, inputs.shape[0], output_size):
@@ -255,7 +255,7 @@ def _conv_forward(inputs: jax.Array, kernel: jax.Array, strides: Pair, pads: Pad
             return conv_ffi.winograd_conv(x, k, (top, left), output_size, dilation)
 
         return _on_cpu_or(winograd, xla_conv, inputs, kernel)
-    return _conv_or_product(inputs, kernel, strides, pads, dilation)
+    return xla_conv(inputs, kernel)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))

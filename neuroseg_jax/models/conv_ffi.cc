@@ -214,10 +214,11 @@ void RunParts(ffi::ThreadPool& pool, int64_t count, std::function<void(int64_t)>
 //
 // Tiles (flattened over n, row phase, tile row, tile column, column phase; TilePosition) are split
 // between threads and processed a block at a time, the block's transformed values tile-major, so
-// each tile's 16 are contiguous. Tile-major V also keeps the 16 output streams of the input transform from mapping
-// onto the same cache sets, which slowed a [xi][tile][c] layout 2-4x. Values are loaded and stored
-// through Load/Store overloads rather than templates on the vector type: a template argument would
-// drop Vec's alignment attribute and the compiler would emit aligned accesses to unaligned addresses.
+// each tile's 16 are contiguous. Tile-major V also keeps the 16 output streams of the input
+// transform from mapping onto the same cache sets, which slowed a [xi][tile][c] layout 2-4x. Values
+// are loaded and stored through Load/Store overloads rather than templates on the vector type: a
+// template argument would drop Vec's alignment attribute and the compiler would emit aligned
+// accesses to unaligned addresses.
 
 inline Vec Load(const float* p, std::true_type) { return *reinterpret_cast<const Vec*>(p); }
 inline float Load(const float* p, std::false_type) { return *p; }
@@ -269,17 +270,19 @@ struct WinogradGeometry {
 
 // The image and first output row and column of tile `tile` (flat over n, row phase, tile row, tile
 // column, column phase); its outputs are rows r, r + dh and columns s, s + dw. With the column phase
-// innermost, the dw tiles that follow each other read and write neighbouring columns, as undilated
-// tiles do: with it outermost, the reads of a 4x4 tile were dw pixels apart in memory, which made
-// the dilation-4 layers of IMSAHLO's dense blocks ~25% slower than undilated ones (2x512x768 64->16
-// forward: 90-100 against 72-83 ms after the change, kernel gradient likewise).
+// innermost, the dw tiles that follow each other together read and write a contiguous run of
+// columns, as undilated tiles do; with it outermost, successive tiles were 2*dw pixels apart and
+// each read every dw-th pixel, which made the dilation-4 layers of IMSAHLO's dense blocks ~25%
+// slower than undilated ones (2x512x768 64->16 forward: 90-100 against 72-83 ms after the change,
+// kernel gradient likewise).
 struct TilePosition {
   int64_t n, r, s;
   TilePosition(const WinogradGeometry& geo, int64_t tile) {
     const int64_t phase_x = tile % geo.dw, tile_x = tile / geo.dw % geo.tile_cols,
-                  row_phases = tile / geo.dw / geo.tile_cols / geo.tile_rows,
-                  tile_y = tile / geo.dw / geo.tile_cols % geo.tile_rows, phase_y = row_phases % geo.dh;
-    n = row_phases / geo.dh;
+                  tile_y = tile / geo.dw / geo.tile_cols % geo.tile_rows,
+                  image_and_row_phase = tile / geo.dw / geo.tile_cols / geo.tile_rows,
+                  phase_y = image_and_row_phase % geo.dh;
+    n = image_and_row_phase / geo.dh;
     r = phase_y + 2 * geo.dh * tile_y;
     s = phase_x + 2 * geo.dw * tile_x;
   }
