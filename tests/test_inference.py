@@ -251,3 +251,63 @@ def test_evaluate_dataset_writes_reports_and_pools_counts(tmp_path):
                                           window=(16, 16), overlap=4, tta_n=0, postprocess=None)
     assert set(windowed["variants"]) == {"raw"}
     assert windowed["variants"]["raw"]["pooled"]["dice"] == pytest.approx(raw["pooled"]["dice"])
+
+
+class MaskPairs:
+    """Images whose first channel IS the prediction (for `threshold_predictor`), with targets."""
+
+    def __init__(self, pairs):
+        self.items = [{"image": pred.astype(np.float32)[..., None], "mask": target.astype(np.int32)}
+                      for pred, target in pairs]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        return self.items[index]
+
+
+def reference_hd95(pred, target):
+    """(MONAI, medpy) HD95 from scipy: boundary = mask minus its 4-neighbour erosion, distances
+    from the exact EDT of the other boundary's complement."""
+    from scipy import ndimage
+
+    cross = ndimage.generate_binary_structure(2, 1)
+    edges = [mask & ~ndimage.binary_erosion(mask, cross, border_value=0) for mask in (pred, target)]
+    forward = ndimage.distance_transform_edt(~edges[1])[edges[0]]
+    backward = ndimage.distance_transform_edt(~edges[0])[edges[1]]
+    return (max(np.percentile(forward, 95), np.percentile(backward, 95)),
+            np.percentile(np.concatenate([forward, backward]), 95))
+
+
+def markdown_row(table: str, title_start: str, variant: str) -> dict:
+    section = table[table.index(f"### {title_start}"):]
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    for line in lines[2:]:
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if cells[0] == variant:
+            return dict(zip(header, cells))
+    raise KeyError(variant)
+
+
+def test_morphoseg_table_uses_medpy_hd95_and_three_threshold_map(tmp_path):
+    target = np.zeros((32, 32), bool)
+    target[4:14, 4:14] = True
+    with_speck = target.copy()
+    with_speck[26:28, 26:28] = True     # a far false speck: MONAI's max-of-P95 >> medpy's pooled P95
+    shifted = np.zeros_like(target)
+    shifted[4:14, 6:16] = True          # IoU 80 / 120: clears 0.5 only
+    pairs = [(with_speck, target), (shifted, target)]
+    result = inference.evaluate_dataset(threshold_predictor, MaskPairs(pairs), tmp_path, tta_n=0,
+                                        postprocess=None)
+    monai, medpy = np.mean([reference_hd95(pred, target) for pred, target in pairs], axis=0)
+    assert abs(monai - medpy) > 1.0
+    row = markdown_row((tmp_path / "table.md").read_text(), "MorphoSeg", "raw")
+    assert float(row["HD95"]) == pytest.approx(medpy, abs=0.006)
+    assert result["variants"]["raw"]["per_image_mean"]["hd95_medpy"] == pytest.approx(medpy)
+    # Image IoUs 100/104 and 2/3: IoU-0.5 2/2, IoU-0.75 1/2, IoU-0.9 1/2, mAP their mean.
+    assert [row[name] for name in ("IoU-0.5", "IoU-0.75", "IoU-0.9", "mAP")] == [
+        "100.00", "50.00", "50.00", "66.67"]
+    assert "medpy" in result["notes"]["morphoseg_table"]
+    assert "exactly one empty mask: raw 0." in (tmp_path / "table.md").read_text()

@@ -75,14 +75,57 @@ def test_pixel_metrics_probabilities_threshold_and_validity_mask():
     assert masked == {"tp": 1, "fp": 0, "fn": 0, "tn": 1}
 
 
-def test_empty_policy():
+def two_squares(shape=(12, 12)):
+    mask = np.zeros(shape, bool)
+    mask[1:4, 1:4] = True
+    mask[7:10, 6:9] = True
+    return mask
+
+
+def pixel_ratios(pred, target):
+    result = metrics.pixel_metrics(pred, target)
+    return result["precision"], result["recall"], result["dice"], result["iou"]
+
+
+def object_ratios(pred, target):
+    result = metrics.instance_metrics(pred, target)
+    return result["precision@0.50"], result["recall@0.50"], result["f1@0.50"], result["ap@0.50"]
+
+
+# (prediction, target) -> (precision, recall, dice or f1, iou or ap), the same for pixels and
+# objects: 1 only when both sides are empty; nothing found, or found where there is nothing, is 0.
+EMPTY_CASES = {
+    "empty prediction, two true objects": ("empty", "objects", (0.0, 0.0, 0.0, 0.0)),
+    "two predicted objects, empty truth": ("objects", "empty", (0.0, 0.0, 0.0, 0.0)),
+    "both empty": ("empty", "empty", (1.0, 1.0, 1.0, 1.0)),
+}
+
+
+@pytest.mark.parametrize("case", EMPTY_CASES)
+@pytest.mark.parametrize("ratios", [pixel_ratios, object_ratios], ids=["pixel", "object"])
+def test_empty_policy_is_shared_by_pixel_and_object_metrics(case, ratios):
+    masks = {"empty": np.zeros((12, 12), bool), "objects": two_squares()}
+    pred, target, expected = EMPTY_CASES[case]
+    assert ratios(masks[pred], masks[target]) == expected
+
+
+def test_empty_prediction_does_not_inflate_per_image_object_means():
+    # One perfect image and one where the two objects are missed: mean precision/recall 0.5.
+    objects, empty = two_squares(), np.zeros((12, 12), bool)
+    per_image = [metrics.instance_metrics(objects, objects), metrics.instance_metrics(empty, objects)]
+    assert np.mean([r["precision@0.50"] for r in per_image]) == 0.5
+    assert np.mean([r["recall@0.50"] for r in per_image]) == 0.5
+
+
+def test_empty_score_overrides_every_zero_denominator():
     empty = np.zeros((4, 4), bool)
-    full = np.ones((4, 4), bool)
-    both_empty = metrics.pixel_metrics(empty, empty)
-    assert both_empty["dice"] == both_empty["iou"] == both_empty["precision"] == 1.0
-    missed = metrics.pixel_metrics(empty, full)
-    assert missed["precision"] == 0.0 and missed["recall"] == 0.0 and missed["dice"] == 0.0
     assert np.isnan(metrics.pixel_metrics(empty, empty, empty_score=float("nan"))["dice"])
+    # Training's validation passes 0.0: an empty pooled validation set scores 0, not 1.
+    zero = metrics.pixel_metrics(empty, empty, empty_score=0.0)
+    assert zero["dice"] == zero["precision"] == zero["recall"] == 0.0
+    some = empty.copy()
+    some[1:3, 1:3] = True
+    assert metrics.pixel_metrics(empty, some, empty_score=0.5)["precision"] == 0.5
 
 
 def test_jitted_confusion_matches_numpy_per_image_and_pooled():
@@ -300,13 +343,31 @@ def test_instance_empty_images_and_pooling():
     assert pooled["ap@0.50"] == 0.5 and pooled["n_target"] == 2
 
 
-def test_morphoseg_image_level_scores():
-    scores = metrics.image_level_scores([0.95, 0.8, 0.6, 0.3])
-    assert scores["morphoseg_iou@0.50"] == 0.75
-    assert scores["morphoseg_iou@0.75"] == 0.5
-    assert scores["morphoseg_iou@0.90"] == 0.25
-    # per threshold 0.50 .. 0.95: images with IoU >= t: 3,3,3,2,2,2,2,1,1,1 of 4.
-    assert scores["morphoseg_map"] == pytest.approx(20 / 40)
+def ious_with_fractions(at_50: int, at_75: int, at_90: int, total: int = 10000) -> np.ndarray:
+    """Per-image IoUs of which `at_t` of `total` are >= t (none lies on a threshold)."""
+    return np.repeat([0.97, 0.83, 0.62, 0.3],
+                     [at_90, at_75 - at_90, at_50 - at_75, total - at_50])
+
+
+@pytest.mark.parametrize("row", [
+    # MorphoSeg Table 1: IoU-0.5, IoU-0.75, IoU-0.9 and the printed mAP (percent).
+    ((93.02, 80.01, 21.87), 64.97),   # TransUNet + MorphoSeg, R50-B16 (Pareto)
+    ((25.31, 12.35, 3.64), 13.77),    # Cellpose cyto3
+], ids=["transunet_morphoseg_r50", "cellpose_cyto3"])
+def test_morphoseg_map_reproduces_paper_table_1(row):
+    columns, printed_map = row
+    counts = [round(value * 100) for value in columns]
+    scores = metrics.image_level_scores(ious_with_fractions(*counts))
+    for value, t in zip(columns, (0.5, 0.75, 0.9)):
+        assert 100 * scores[metrics.threshold_key("morphoseg_iou", t)] == pytest.approx(value)
+    assert round(100 * scores["morphoseg_map"], 2) == printed_map
+
+
+def test_morphoseg_map_ignores_thresholds_between_the_columns():
+    # IoU 0.7 clears 0.5 only among {0.5, 0.75, 0.9}; 0.50:0.05:0.95 would also count 0.55..0.70.
+    scores = metrics.image_level_scores([0.7, 0.92])
+    assert scores == {"morphoseg_iou@0.50": 1.0, "morphoseg_iou@0.75": 0.5,
+                      "morphoseg_iou@0.90": 0.5, "morphoseg_map": pytest.approx(2 / 3)}
 
 
 def test_coco_average_precision_ranks_by_score():

@@ -14,6 +14,7 @@ from neuroseg_jax.metrics.boundary import (
 )
 from neuroseg_jax.metrics.instances import (
     COCO_THRESHOLDS,
+    MORPHOSEG_THRESHOLDS,
     REPORT_THRESHOLDS,
     as_instances,
     coco_average_precision,
@@ -44,6 +45,7 @@ __all__ = [
     "CONFUSION_KEYS",
     "COCO_THRESHOLDS",
     "HD_CONVENTIONS",
+    "MORPHOSEG_THRESHOLDS",
     "PIXEL_METRIC_KEYS",
     "REPORT_THRESHOLDS",
     "as_instances",

@@ -11,8 +11,11 @@ Per threshold t: tp (matched pairs), fp (unmatched predictions), fn (unmatched t
   ap = tp / (tp + fp + fn)   - the score-free "average precision" of the 2018 Data Science Bowl
                                as used by StarDist and Cellpose for semantic/instance masks,
   instance_map = mean of ap over t in 0.50:0.05:0.95.
-Empty policy: with no predicted and no target objects every ratio is 1 (nothing to find, nothing
-found); otherwise 0/0 cannot occur. Pooled (dataset) numbers sum tp/fp/fn over images first.
+Empty policy: the pixel metrics' one (`pixel.safe_ratio`, see `pixel`'s docstring): a zero
+denominator gives 1 only when there are no predicted AND no target objects, else 0. So nothing
+predicted against k > 0 target objects scores precision 0, recall 0 (StarDist's `matching`), and
+k > 0 objects predicted where there are none score precision 0, recall 0; ap/f1 are 0 in both.
+Pooled (dataset) numbers sum tp/fp/fn over images first.
 
 With per-object confidence scores (e.g. the mean foreground probability inside each predicted
 object, `object_scores`) the ranked COCO-style average precision is available too
@@ -24,22 +27,28 @@ it over 0.50:0.05:0.95. With no target objects AP is 1 without detections and 0 
 Counting (FNC's task): count_error = n_pred - n_target (signed), abs_count_error, and
 relative_count_error = |n_pred - n_target| / max(n_target, 1).
 
-MorphoSeg's image-level scores (its Table 1 columns "IoU-0.5/0.75/0.9" and "mAP") are NOT the
-object metrics above. The paper does not define them; we report the usual reading - the fraction
-of images whose image-level foreground IoU is >= t, and its mean over t in 0.50:0.05:0.95 - under
-the distinct names `morphoseg_iou@t` and `morphoseg_map` (`image_level_scores`).
+MorphoSeg's image-level scores (its Table 1 columns "IoU-0.5", "IoU-0.75", "IoU-0.9" and "mAP")
+are NOT the object metrics above: IoU-t is the fraction of images whose image-level foreground
+IoU is >= t, and mAP is the mean of those three columns, i.e. over t in {0.5, 0.75, 0.9} only
+(every row of the paper's Table 1 satisfies it, e.g. (93.02 + 80.01 + 21.87) / 3 = 64.97, and
+MorphoSeg's public evaluation code averages over the same three thresholds). Reported under the
+distinct names `morphoseg_iou@t` and `morphoseg_map` (`image_level_scores`).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
+from neuroseg_jax.metrics.pixel import safe_ratio
+
 COCO_THRESHOLDS = tuple(np.round(np.arange(0.5, 0.951, 0.05), 2).tolist())
 REPORT_THRESHOLDS = (0.5, 0.75, 0.9)
+MORPHOSEG_THRESHOLDS = (0.5, 0.75, 0.9)
 
 
 def threshold_key(name: str, threshold: float) -> str:
@@ -143,11 +152,6 @@ def sum_match_counts(counts: Sequence[Mapping]) -> dict:
     return pooled
 
 
-def _safe(numerator: float, denominator: float) -> float:
-    # Denominators are 0 only when there is nothing to predict and nothing predicted.
-    return float(numerator) / float(denominator) if denominator > 0 else 1.0
-
-
 def instance_metrics_from_counts(
     counts: Mapping, *, report_thresholds: Sequence[float] = REPORT_THRESHOLDS
 ) -> dict:
@@ -155,8 +159,9 @@ def instance_metrics_from_counts(
     counts, and counting errors (see module docstring)."""
     thresholds = list(counts["thresholds"])
     tp, fp, fn = (np.asarray(counts[key]) for key in ("tp", "fp", "fn"))
-    ap = [_safe(tp[i], tp[i] + fp[i] + fn[i]) for i in range(len(thresholds))]
     n_pred, n_target = int(counts["n_pred"]), int(counts["n_target"])
+    ratio = functools.partial(safe_ratio, both_empty=n_pred == 0 and n_target == 0)
+    ap = [ratio(tp[i], tp[i] + fp[i] + fn[i]) for i in range(len(thresholds))]
     result: dict = {
         "n_pred": n_pred,
         "n_target": n_target,
@@ -171,9 +176,9 @@ def instance_metrics_from_counts(
             raise ValueError(f"report threshold {t} not among the counted thresholds {thresholds}")
         i = matches[0]
         result[threshold_key("ap", t)] = ap[i]
-        result[threshold_key("precision", t)] = _safe(tp[i], tp[i] + fp[i])
-        result[threshold_key("recall", t)] = _safe(tp[i], tp[i] + fn[i])
-        result[threshold_key("f1", t)] = _safe(2 * tp[i], 2 * tp[i] + fp[i] + fn[i])
+        result[threshold_key("precision", t)] = ratio(tp[i], tp[i] + fp[i])
+        result[threshold_key("recall", t)] = ratio(tp[i], tp[i] + fn[i])
+        result[threshold_key("f1", t)] = ratio(2 * tp[i], 2 * tp[i] + fp[i] + fn[i])
     return result
 
 
@@ -187,19 +192,16 @@ def instance_metrics(
 
 
 def image_level_scores(
-    image_ious: Sequence[float], *, thresholds: Sequence[float] = REPORT_THRESHOLDS,
-    map_thresholds: Sequence[float] = COCO_THRESHOLDS,
+    image_ious: Sequence[float], *, thresholds: Sequence[float] = MORPHOSEG_THRESHOLDS
 ) -> dict:
-    """MorphoSeg-style image-level scores from per-image foreground IoUs (one per image):
-    morphoseg_iou@t = fraction of images with IoU >= t; morphoseg_map = mean over map_thresholds."""
+    """MorphoSeg's image-level scores from per-image foreground IoUs (one per image):
+    morphoseg_iou@t = fraction of images with IoU >= t, for t in `thresholds`; morphoseg_map =
+    the mean of those columns (MorphoSeg Table 1: t in {0.5, 0.75, 0.9})."""
     ious = np.asarray(image_ious, dtype=np.float64)
     if ious.size == 0:
         raise ValueError("image_level_scores needs at least one image IoU")
-    result = {
-        threshold_key("morphoseg_iou", t): float(np.mean(ious >= t)) for t in thresholds
-    }
-    result["morphoseg_map"] = float(np.mean([np.mean(ious >= t) for t in map_thresholds]))
-    return result
+    fractions = {threshold_key("morphoseg_iou", t): float(np.mean(ious >= t)) for t in thresholds}
+    return {**fractions, "morphoseg_map": float(np.mean(list(fractions.values())))}
 
 
 def object_scores(labels: np.ndarray, probability: np.ndarray) -> np.ndarray:

@@ -21,15 +21,21 @@ segmentation"):
                       one fn of the other, so micro_f1 == accuracy exactly (reported anyway because
                       IMSAHLO Table II lists it as a column).
 
-Empty-denominator policy (explicit, never NaN by default): a ratio whose denominator is zero is
-1.0 when the quantity it measures made no error and 0.0 otherwise. Concretely: precision with no
-predicted foreground is 1.0 if the target has no foreground either, else 0.0; recall with an empty
-target is 1.0 if nothing was predicted, else 0.0; dice/iou with both masks empty are 1.0. Pass
-`empty_score=float('nan')` to get NaN instead and handle those images yourself.
+Empty policy (explicit, never NaN by default; the same for pixel and object metrics, both use
+`safe_ratio`): a ratio whose denominator is zero is 1.0 when prediction and truth are BOTH empty
+for the class it measures (nothing to find, nothing found) and 0.0 otherwise. So nothing predicted
+against a non-empty truth is precision 0 and recall 0; something predicted against an empty truth
+is precision 0 (0/k) and recall 0; dice/iou/precision/recall of two empty masks are 1.0. The
+background-class ratios (specificity, f1_background) apply the rule to the background. This is
+StarDist's `matching` convention (every ratio is 0 unless tp > 0) except for the both-empty case,
+where StarDist gives 0 and we give 1 so that an empty image left empty is not counted as a miss in
+per-image means. Pass `empty_score=float('nan')` to get NaN for every zero denominator instead and
+handle those images yourself (or 0.0 to score them all as misses).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Mapping
 
 import jax.numpy as jnp
@@ -108,35 +114,43 @@ def confusion_counts(pred, target, mask=None, *, threshold: float = 0.5) -> dict
     return {"tp": int(codes[3]), "fp": int(codes[1]), "fn": int(codes[2]), "tn": int(codes[0])}
 
 
-def _ratio(numerator: float, denominator: float, errors: float, empty_score: float | None) -> float:
-    """numerator / denominator with the module's empty policy (see module docstring)."""
+def safe_ratio(
+    numerator: float, denominator: float, *, both_empty: bool, empty_score: float | None = None
+) -> float:
+    """numerator / denominator under the module's empty policy: a zero denominator gives
+    `empty_score` when one is given, else 1.0 if `both_empty` (prediction and truth hold nothing of
+    the measured class) and 0.0 otherwise."""
     if denominator > 0:
         return float(numerator) / float(denominator)
     if empty_score is not None:
         return float(empty_score)
-    return 1.0 if errors == 0 else 0.0
+    return 1.0 if both_empty else 0.0
 
 
 def metrics_from_confusion(counts: Mapping, *, empty_score: float | None = None) -> dict[str, float]:
     """All pixel metrics (PIXEL_METRIC_KEYS) plus the counts themselves from tp/fp/fn/tn.
 
     `counts` values may be Python ints, numpy or jax scalars (e.g. summed `confusion` output).
-    `empty_score=None` applies the no-error => 1, error => 0 policy; a float overrides it.
+    `empty_score=None` applies the both-empty => 1, else 0 policy; a float replaces it for every
+    zero denominator.
     """
     missing = [key for key in CONFUSION_KEYS if key not in counts]
     if missing:
         raise ValueError(f"confusion counts lack keys {missing}")
     tp, fp, fn, tn = (int(np.asarray(counts[key])) for key in CONFUSION_KEYS)
     total = tp + fp + fn + tn
-    precision = _ratio(tp, tp + fp, fn, empty_score)
-    recall = _ratio(tp, tp + fn, fp, empty_score)
-    specificity = _ratio(tn, tn + fp, fn, empty_score)
-    dice = _ratio(2 * tp, 2 * tp + fp + fn, fp + fn, empty_score)
-    f1_background = _ratio(2 * tn, 2 * tn + fp + fn, fp + fn, empty_score)
-    accuracy = _ratio(tp + tn, total, 0, empty_score)
+    no_foreground = tp + fp + fn == 0
+    no_background = tn + fp + fn == 0
+    ratio = functools.partial(safe_ratio, empty_score=empty_score)
+    precision = ratio(tp, tp + fp, both_empty=no_foreground)
+    recall = ratio(tp, tp + fn, both_empty=no_foreground)
+    specificity = ratio(tn, tn + fp, both_empty=no_background)
+    dice = ratio(2 * tp, 2 * tp + fp + fn, both_empty=no_foreground)
+    f1_background = ratio(2 * tn, 2 * tn + fp + fn, both_empty=no_background)
+    accuracy = ratio(tp + tn, total, both_empty=total == 0)
     # Micro F1 pools tp/fp/fn of both classes: class-1 (tp, fp, fn) + class-0 (tn, fn, fp).
     micro_tp, micro_errors = tp + tn, 2 * (fp + fn)
-    micro_f1 = _ratio(2 * micro_tp, 2 * micro_tp + micro_errors, micro_errors, empty_score)
+    micro_f1 = ratio(2 * micro_tp, 2 * micro_tp + micro_errors, both_empty=total == 0)
     return {
         "tp": tp,
         "fp": fp,
@@ -148,7 +162,7 @@ def metrics_from_confusion(counts: Mapping, *, empty_score: float | None = None)
         "specificity": specificity,
         "dice": dice,
         "f1": dice,
-        "iou": _ratio(tp, tp + fp + fn, fp + fn, empty_score),
+        "iou": ratio(tp, tp + fp + fn, both_empty=no_foreground),
         "balanced_accuracy": (recall + specificity) / 2.0,
         "f1_background": f1_background,
         "macro_f1": (dice + f1_background) / 2.0,
