@@ -32,8 +32,9 @@ class ModelEntry:
         return [f.name for f in dataclasses.fields(self.module) if f.name not in ("parent", "name")]
 
 
-_VIT_B16 = dict(hidden_size=768, num_layers=12, num_heads=12, mlp_dim=3072)
-_VIT_L16 = dict(hidden_size=1024, num_layers=24, num_heads=16, mlp_dim=4096)
+# Transformer sizes of ViT-B and ViT-L; the patch size is the variant's other half (B/16, L/32, ...).
+_VIT_B = dict(hidden_size=768, num_layers=12, num_heads=12, mlp_dim=3072)
+_VIT_L = dict(hidden_size=1024, num_layers=24, num_heads=16, mlp_dim=4096)
 
 MODELS: dict[str, ModelEntry] = {
     "unet": ModelEntry(UNet, FrozenDict(), "U-Net (Ronneberger et al. 2015)"),
@@ -60,14 +61,33 @@ MODELS: dict[str, ModelEntry] = {
         FrozenDict(block="msdb", se=True, act="swish", attention=True),
         "IMSAHLO full: MSDB encoder/decoder + Hierarchical Attention",
     ),
-    "transunet": ModelEntry(TransUNet, FrozenDict(hybrid=True, **_VIT_B16), "TransUNet R50-ViT-B/16 (hybrid)"),
-    "transunet_r50_b16": ModelEntry(TransUNet, FrozenDict(hybrid=True, **_VIT_B16), "TransUNet R50-ViT-B/16"),
-    "transunet_vit_b16": ModelEntry(
-        TransUNet, FrozenDict(hybrid=False, n_skip=0, **_VIT_B16), "TransUNet ViT-B/16 (16x16 image patches)"
+    "transunet": ModelEntry(
+        TransUNet, FrozenDict(hybrid=True, patch_size=16, **_VIT_B), "TransUNet R50-ViT-B/16 (hybrid)"
     ),
-    "transunet_r50_l16": ModelEntry(TransUNet, FrozenDict(hybrid=True, **_VIT_L16), "TransUNet R50-ViT-L/16"),
+    "transunet_r50_b16": ModelEntry(
+        TransUNet, FrozenDict(hybrid=True, patch_size=16, **_VIT_B), "TransUNet R50-ViT-B/16"
+    ),
+    "transunet_vit_b16": ModelEntry(
+        TransUNet,
+        FrozenDict(hybrid=False, patch_size=16, n_skip=0, **_VIT_B),
+        "TransUNet ViT-B/16 (16x16 image patches)",
+    ),
+    "transunet_r50_l16": ModelEntry(
+        TransUNet,
+        FrozenDict(hybrid=True, patch_size=16, **_VIT_L),
+        "TransUNet R50-ViT-L/16 (ViT-L on 1x1 patches of the H/16 ResNet map; the only hybrid ViT-L "
+        "of MorphoSeg's code)",
+    ),
+    "transunet_r50_l32": ModelEntry(
+        TransUNet,
+        FrozenDict(hybrid=True, patch_size=32, **_VIT_L),
+        "TransUNet R50-ViT-L/32 (MorphoSeg Table 3's R50-L32: ViT-L on 2x2 patches of the H/16 ResNet "
+        "map, an H/32 token grid)",
+    ),
     "transunet_vit_l16": ModelEntry(
-        TransUNet, FrozenDict(hybrid=False, n_skip=0, **_VIT_L16), "TransUNet ViT-L/16 (16x16 image patches)"
+        TransUNet,
+        FrozenDict(hybrid=False, patch_size=16, n_skip=0, **_VIT_L),
+        "TransUNet ViT-L/16 (16x16 image patches)",
     ),
 }
 

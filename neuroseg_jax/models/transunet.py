@@ -1,18 +1,24 @@
-"""TransUNet (Chen et al. 2021) as MorphoSeg §3.1 uses it, plus a loader for R50+ViT-B/16 .npz files.
+"""TransUNet (Chen et al. 2021) as MorphoSeg §3.1 uses it, plus a loader for the public ViT .npz checkpoints.
 
 Encoder, hybrid ("R50-B16"): ResNet-V2 with weight-standardised convs and GroupNorm (root 7x7/2
 conv + 3x3/2 max pool, stages of `resnet_units` = (3, 4, 9) bottleneck units with strides 1, 2, 2,
-output stride 16), a 1x1 patch embedding of its H/16 features into `hidden_size` tokens; pure
-("ViT-B16"): a 16x16/16 patch embedding of the image. Learned position embeddings of the
-`img_size // 16` grid are bilinearly resized when the input has another size. ViT encoder:
-`num_layers` pre-LayerNorm blocks of multi-head self-attention and a GELU MLP (ViT-B: 12 layers,
-12 heads, 768 hidden, MLP 3072; ViT-L: 24, 16, 1024, 4096).
+output stride 16), then a patch embedding of its H/16 features into `hidden_size` tokens: 1x1 for
+16-pixel patches, 2x2/2 for 32-pixel ones (R50-ViT-L/32, whose token grid is H/32); pure
+("ViT-B16"): a PxP/P patch embedding of the image, P = `patch_size`. Learned position embeddings of
+the `img_size // patch_size` grid are bilinearly resized when the input has another size. ViT
+encoder: `num_layers` pre-LayerNorm blocks of multi-head self-attention and a GELU MLP (ViT-B: 12
+layers, 12 heads, 768 hidden, MLP 3072; ViT-L: 24, 16, 1024, 4096).
 
-Decoder, the cascaded upsampler (CUP): 3x3 ConvNormAct to `head_channels` (512), then four blocks
-of [bilinear 2x up, concat skip, two 3x3 ConvNormAct] with `decoder_channels` (256, 128, 64, 16);
+Decoder, the cascaded upsampler (CUP): 3x3 ConvNormAct to `head_channels` (512) on the token grid,
+bilinear 2x upsampling up to the H/16 grid when the patches are larger than 16 pixels (TransUNet's
+CUP assumes 16: its code's R50-ViT-L_32 on 32-pixel patches fails at the first skip concatenation,
+H/16 against H/8), then four blocks of
+[bilinear 2x up, concat skip, two 3x3 ConvNormAct] with `decoder_channels` (256, 128, 64, 16);
 the first `n_skip` blocks receive the ResNet features at H/8 (8w = 512 channels), H/4 (4w = 256)
 and H/2 (w = 64) — the skip channels (512, 256, 64, 16) of the reference, whose fourth entry is
 never used — and a 3x3 conv head. All widths scale with `width` (the ResNet root width, 64 for R50).
+The decoder normalises with GroupNorm by default (`norm`); TransUNet's uses BatchNorm
+(`norm="batch"`).
 
 Parameter names of the encoder follow the public .npz checkpoint layout ('conv_root', 'gn_root',
 'block1/unit1/conv1', 'embedding', 'Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query',
@@ -29,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from scipy import ndimage
 
 from neuroseg_jax.models.layers import (
     GroupNorm,
@@ -41,8 +48,9 @@ from neuroseg_jax.models.layers import (
     upsample2x,
 )
 
-PATCH_SIZE = 16  # total encoder stride: the CUP decoder upsamples 4 times by 2
+CUP_STRIDE = 16  # the CUP's four 2x upsamplings start from the H/16 grid, the ResNet's output stride
 POSITION_EMBEDDING = "Transformer/posembed_input/pos_embedding"
+ATTENTION = "MultiHeadDotProductAttention_1"
 
 
 def _gn(channels: int, groups: int, epsilon: float, name: str, dtype: Any) -> GroupNorm:
@@ -208,7 +216,7 @@ class ViTEncoder(nn.Module):
 
 
 class TransUNet(nn.Module):
-    """images (B, H, W, C), H and W divisible by 16 -> logits (B, H, W, num_classes).
+    """images (B, H, W, C), H and W divisible by `patch_size` -> logits (B, H, W, num_classes).
 
     C must equal `input_channels` (3 for ImageNet-pretrained encoders); single-channel images are
     repeated to 3 channels as in the reference. Features on request: last CUP block output
@@ -226,6 +234,7 @@ class TransUNet(nn.Module):
     dropout_rate: float = 0.1
     attention_dropout_rate: float = 0.0
     img_size: int | Sequence[int] = 224
+    patch_size: int = 16
     n_skip: int = 3
     decoder_channels: Sequence[int] | None = None
     head_channels: int | None = None
@@ -243,7 +252,10 @@ class TransUNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False, return_features: bool = False):
-        check_spatial_size(x, PATCH_SIZE, "transunet")
+        patch = self.patch_size
+        if patch < CUP_STRIDE or patch & (patch - 1):
+            raise ValueError(f"transunet: patch_size must be 16 times a power of two (16, 32, ...), got {patch}")
+        check_spatial_size(x, patch, "transunet")
         if len(tuple(self.resnet_units)) != 3:
             raise ValueError(f"transunet: resnet_units needs 3 stages (output stride 16), got {self.resnet_units}")
         max_skip = 3 if self.hybrid else 0
@@ -259,14 +271,17 @@ class TransUNet(nn.Module):
         x = x.astype(self.dtype)
         if self.hybrid:
             cnn_features, skips = ResNetV2(self.width, tuple(self.resnet_units), self.dtype, name="resnet")(x)
-            tokens = Conv(self.hidden_size, 1, dtype=self.dtype, name="embedding")(cnn_features)
+            cell = patch // CUP_STRIDE  # patches of the H/16 feature map
+            tokens = Conv(
+                self.hidden_size, cell, strides=cell, padding="VALID", dtype=self.dtype, name="embedding"
+            )(cnn_features)
         else:
             skips = []
             tokens = Conv(
-                self.hidden_size, PATCH_SIZE, strides=PATCH_SIZE, padding="VALID", dtype=self.dtype, name="embedding"
+                self.hidden_size, patch, strides=patch, padding="VALID", dtype=self.dtype, name="embedding"
             )(x)
         img_size = (self.img_size, self.img_size) if isinstance(self.img_size, int) else tuple(self.img_size)
-        grid = (img_size[0] // PATCH_SIZE, img_size[1] // PATCH_SIZE)
+        grid = (img_size[0] // patch, img_size[1] // patch)
         y = ViTEncoder(
             grid, self.num_layers, self.num_heads, self.mlp_dim, self.dropout_rate, self.attention_dropout_rate,
             self.dtype, name="Transformer",
@@ -274,6 +289,8 @@ class TransUNet(nn.Module):
         y = ConvNormAct(self.head_channels or 8 * self.width, 3, norm=self.norm, dtype=self.dtype, name="conv_more")(
             y, train=train
         )
+        for _ in range((patch // CUP_STRIDE).bit_length() - 1):
+            y = upsample2x(y)
         for index, channels in enumerate(self._decoder_channels()):
             y = upsample2x(y)
             if index < self.n_skip:
@@ -294,7 +311,11 @@ def _checkpoint_key(param_path: str) -> str | None:
 
 
 def _adapt_position_embedding(source: np.ndarray, target_shape: tuple[int, ...], where: str) -> np.ndarray:
-    """(1, [1 +] gs*gs, D) checkpoint table -> (1, gh, gw, D): drops a class token, resizes the grid."""
+    """(1, [1 +] gs*gs, D) checkpoint table -> (1, gh, gw, D): drops a class token, resizes the grid.
+
+    The resize is the public loaders' (TransUNet's and ViT's own `scipy.ndimage.zoom`, order 1):
+    linear interpolation whose first and last rows and columns are the table's corner entries.
+    """
     _, grid_h, grid_w, hidden = target_shape
     if source.ndim != 3 or source.shape[0] != 1 or source.shape[-1] != hidden:
         raise ValueError(f"{where}: {POSITION_EMBEDDING} has shape {source.shape}, expected (1, N, {hidden})")
@@ -305,10 +326,10 @@ def _adapt_position_embedding(source: np.ndarray, target_shape: tuple[int, ...],
         side = int(round(np.sqrt(tokens.shape[0])))
         if side * side != tokens.shape[0]:
             raise ValueError(f"{where}: {POSITION_EMBEDDING} with {source.shape[1]} tokens is not a square grid")
-    table = tokens.reshape(1, side, side, hidden)
+    table = tokens.reshape(side, side, hidden)
     if (side, side) != (grid_h, grid_w):
-        table = np.asarray(jax.image.resize(table, (1, grid_h, grid_w, hidden), method="bilinear"))
-    return table
+        table = ndimage.zoom(table, (grid_h / side, grid_w / side, 1), order=1)
+    return table[None]
 
 
 def load_pretrained_npz(
@@ -321,7 +342,11 @@ def load_pretrained_npz(
     name otherwise); checkpoint entries the model does not use ('cls', 'head/*', 'pre_logits/*', the
     ResNet for a pure ViT) are ignored; decoder and head parameters keep their values. GroupNorm
     scales stored as (1, 1, 1, C) are flattened; the position embedding drops the class token and is
-    resized to the model's grid. Shape mismatches raise ValueError naming the parameter.
+    resized to the model's grid. The public checkpoints store attention with separate heads, as the
+    model does ((hidden, heads, head_dim) query/key/value kernels, (heads, head_dim) biases,
+    (heads, head_dim, hidden) output kernels); exports with merged heads ((hidden, heads * head_dim),
+    ...) are split head-major, the order TransUNet's `.view(hidden, hidden)` reads. Other shape
+    mismatches raise ValueError naming the parameter.
     Returns a new nested dict; the input is not modified.
     """
     where = os.fspath(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "checkpoint mapping"
@@ -344,7 +369,7 @@ def load_pretrained_npz(
         array = np.asarray(weights[source_name])
         if source_name == POSITION_EMBEDDING:
             array = _adapt_position_embedding(array, tuple(value.shape), where)
-        elif array.shape != tuple(value.shape) and array.size == value.size and value.ndim == 1:
+        elif array.shape != tuple(value.shape) and array.size == value.size and (value.ndim == 1 or ATTENTION in path):
             array = array.reshape(value.shape)
         if array.shape != tuple(value.shape):
             raise ValueError(
