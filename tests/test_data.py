@@ -12,7 +12,9 @@ import grain
 import numpy as np
 import pytest
 import tifffile
+from scipy import ndimage
 
+from conftest import shared_dataset
 from neuroseg_jax.data import (
     FolderDataset,
     PatchDataset,
@@ -31,6 +33,7 @@ from neuroseg_jax.data import (
     split_indices,
     transforms as T,
 )
+from neuroseg_jax.data.weight_maps import NEGLIGIBLE_WEIGHT, touching_cells_weights
 
 DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -539,3 +542,126 @@ def test_load_image_matches_dataset_preprocessing(tmp_path):
     dataset = build_dataset(config, "all")
     index = dataset.names.index("img_1")
     np.testing.assert_array_equal(load_image(root / "images" / "img_1.png", config), dataset[index]["image"])
+
+
+# ---------------------------------------------------------------- touching-cells weight maps
+
+GAP = (24, 30)  # the one background pixel between the two disks of _touching_disks, on row 24
+
+
+def _touching_disks(height: int = 48, width: int = 64, shift: int = 0) -> np.ndarray:
+    """int32 labels: disks 7 and 300 (radius 9) one background pixel apart at GAP, plus cell 12."""
+    yy, xx = np.mgrid[:height, :width]
+    labels = np.zeros((height, width), np.int32)
+    labels[(yy - 24) ** 2 + (xx - 20 - shift) ** 2 <= 81] = 7
+    labels[(yy - 24) ** 2 + (xx - 40 - shift) ** 2 <= 81] = 300
+    labels[40:45, 52:60] = 12
+    return labels
+
+
+def _reference_touching(labels: np.ndarray, w0: float, sigma: float) -> np.ndarray:
+    """U-Net's w0 exp(-(d1 + d2)^2 / (2 sigma^2)) from full-image distance transforms, one per cell."""
+    distances = np.sort([ndimage.distance_transform_edt(labels != cell) for cell in np.unique(labels) if cell], 0)
+    return np.where(labels == 0, w0 * np.exp(-((distances[0] + distances[1]) ** 2) / (2 * sigma**2)), 0.0)
+
+
+@pytest.mark.parametrize("w0, sigma", [(10.0, 5.0), (3.0, 2.0)])
+def test_weight_map_touching_disks_match_scipy(w0, sigma):
+    labels = _touching_disks()
+    weights = touching_cells_weights(labels, w0=w0, sigma=sigma)
+    assert weights.dtype == np.float32 and weights.shape == labels.shape
+    np.testing.assert_allclose(weights, _reference_touching(labels, w0, sigma), atol=NEGLIGIBLE_WEIGHT)
+    # The gap pixel is 1 px from both disks: w0 exp(-2^2 / (2 sigma^2)), the largest weight of the map.
+    assert weights[GAP] == pytest.approx(w0 * np.exp(-4.0 / (2 * sigma**2)), rel=1e-6)
+    assert weights[GAP] == weights.max() and (weights[labels > 0] == 0).all()
+    # A binary mask is one cell: no second-nearest cell, no weight, so the loss keeps its contour weights.
+    assert not touching_cells_weights((labels > 0).astype(np.int32), w0=w0, sigma=sigma).any()
+    with pytest.raises(ValueError, match="sigma"):
+        touching_cells_weights(labels, w0=w0, sigma=0.0)
+
+
+@pytest.mark.parametrize("transform", GEOMETRIC + [T.Resize((30, 41))], ids=lambda t: type(t).__name__)
+def test_weight_map_instances_move_with_the_mask(transform):
+    labels = _touching_disks()
+    element = {"image": (labels > 0).astype(np.float32)[..., None], "mask": (labels > 0).astype(np.int32),
+               "instances": labels}
+    out = transform.random_map(element, np.random.default_rng(0)) if hasattr(transform, "random_map") \
+        else transform.map(element)
+    assert out["instances"].dtype == np.int32 and out["instances"].shape == out["mask"].shape
+    np.testing.assert_array_equal(out["instances"] > 0, out["mask"] > 0)  # same nearest-neighbour map
+    assert set(np.unique(out["instances"])) <= {0, 7, 12, 300}
+    assert {7, 300} <= set(np.unique(out["instances"]))
+
+
+def _write_instance_pairs(root: Path, count: int = 4) -> Path:
+    """Folder of uint16 instance-label masks: two touching disks (and a small cell) per image."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(count):
+        labels = _touching_disks(shift=i % 2)
+        cv2.imwrite(str(root / "images" / f"img_{i}.png"), ((labels > 0) * 180 + 30).astype(np.uint8))
+        cv2.imwrite(str(root / "masks" / f"img_{i}.png"), labels.astype(np.uint16))
+    return root
+
+
+def _check_touching_batch(batch: dict) -> None:
+    """Weights only on background; a weight above w0 / 2 = 5 (sigma 5) needs d1 + d2 < 5 sqrt(2 ln 2),
+    so d1 < 3: such pixels lie within 3 px of the cells of the batch's own mask."""
+    weights, masks = batch["touching_weight"], batch["mask"]
+    assert weights.dtype == np.float32 and weights.shape == masks.shape
+    for weight, mask in zip(weights, masks):
+        assert (weight[mask > 0] == 0).all()
+        assert weight.max() > 5.0
+        near_cells = ndimage.distance_transform_edt(mask == 0) < 3
+        assert near_cells[weight > 5.0].all()
+
+
+def test_weight_map_pipeline_instance_and_binary_folders(tmp_path):
+    config = default_data_config()
+    config.source, config.root = "folder", str(_write_instance_pairs(tmp_path / "instances"))
+    config.crop_size = (40, 56)
+    config.split.val_fraction, config.split.test_fraction = 0.5, 0.0
+    config.augment.rot90, config.augment.rotate.p, config.augment.affine.p = 1.0, 1.0, 1.0
+    train = list(make_loader(config, "train", batch_size=2, seed=0, num_epochs=2, touching_weights=True))
+    assert len(train) == 2 and set(train[0]) == {"image", "mask", "touching_weight"}
+    for batch in train:
+        _check_touching_batch(batch)
+    # No augmentation: the centre crop starts at (4, 4), so the gap pixel lands at GAP - 4.
+    val = next(iter(make_loader(config, "val", batch_size=2, seed=0, touching_weights=True)))
+    _check_touching_batch(val)
+    gap_weights = val["touching_weight"][:, GAP[0] - 4, GAP[1] - 4 : GAP[1] - 2]
+    assert max(gap_weights[0].max(), gap_weights[1].max()) == pytest.approx(10 * np.exp(-4 / 50), rel=1e-6)
+    # Multi-scale patches carry the instance labels too.
+    config.patches.enabled, config.patches.sizes, config.crop_size = True, (32,), (32, 32)
+    patches = list(make_loader(config, "val", batch_size=2, seed=0, touching_weights=True))
+    for batch in patches:
+        assert batch["touching_weight"].shape == (len(batch["mask"]), 32, 32)
+        assert (batch["touching_weight"][batch["mask"] > 0] == 0).all()
+    assert max(batch["touching_weight"].max() for batch in patches) > 5.0
+    with pytest.raises(ValueError, match="with_instances"):
+        make_loader(config, "train", batch_size=1, seed=0, dataset=build_dataset(config, "train"),
+                    touching_weights=True)
+    # Binary masks: zero touching weights, so the boundary term keeps exactly its contour weights.
+    config.patches.enabled = False
+    config.root = str(_write_pairs(tmp_path / "binary", count=4))
+    batch = next(iter(make_loader(config, "train", batch_size=2, seed=0, touching_weights=True)))
+    assert not batch["touching_weight"].any() and batch["mask"].any()
+    assert "touching_weight" not in next(iter(make_loader(config, "train", batch_size=2, seed=0)))
+
+
+def test_weight_map_bbbc039_gaps_between_nuclei():
+    root = shared_dataset("bbbc039")
+    labels = FolderDataset(root, with_instances=True)[0]["instances"]
+    assert len(np.unique(labels)) > 3  # instance labels, not a binary mask
+    window = labels[:160, :200]
+    np.testing.assert_allclose(touching_cells_weights(window, w0=10.0, sigma=5.0),
+                               _reference_touching(window, 10.0, 5.0), atol=NEGLIGIBLE_WEIGHT)
+    config = default_data_config()
+    config.source, config.root, config.crop_size = "folder", str(root), (256, 256)
+    loader = iter(make_loader(config, "train", batch_size=4, seed=0, touching_weights=True))
+    batches = [next(loader) for _ in range(2)]
+    for batch in batches:
+        weights, masks = batch["touching_weight"], batch["mask"]
+        assert (weights[masks > 0] == 0).all()
+    # Nuclei that nearly touch leave background pixels within a few pixels of two of them.
+    assert max(float(batch["touching_weight"].max()) for batch in batches) > 5.0

@@ -330,3 +330,86 @@ def test_hybrid_total_params_and_errors():
         losses.hybrid_loss(logits, LABELS, weights={"dice": 1.0}, params={"dice": {"gamma": 2.0}})
     with pytest.raises(ValueError, match="labels must have shape"):
         losses.dice_loss(logits, LABELS[0])
+
+
+# ---------------------------------------------------------------- boundary term: touching-cells weights
+
+
+def _reference_boundary_loss(logits: np.ndarray, labels: np.ndarray, touching: np.ndarray) -> float:
+    """IMSAHLO eqs. 6-8 in float64 with w = 1 + 5 * (mask minus its 3x3 erosion, border 1) + touching."""
+    masks = labels.astype(bool)
+    contour = np.stack([m & ~ndimage.binary_erosion(m, structure=np.ones((3, 3)), border_value=1) for m in masks])
+    w = 1.0 + 5.0 * contour + touching
+    p = 1 / (1 + np.exp(-logits[..., 0].astype(np.float64)))
+    g = labels.astype(np.float64)
+    wbce = np.mean(-w * (g * np.log(p) + (1 - g) * np.log(1 - p)))
+    wdice = 1 - (2 * (w * p * g).sum() + 1) / ((w * p * p).sum() + (w * g * g).sum() + 1)
+    return wbce + wdice
+
+
+def test_boundary_loss_adds_touching_weights_like_numpy():
+    labels = np.zeros((1, 6, 7), np.int32)
+    labels[0, 1:5, 1:3] = 1  # two cells with a one-pixel background column between them
+    labels[0, 1:5, 4:6] = 1
+    touching = np.zeros((1, 6, 7), np.float32)
+    touching[0, 1:5, 3] = 9.23
+    touching[0, 0, 3] = 4.0
+    logits = np.asarray(jax.random.normal(jax.random.PRNGKey(11), (1, 6, 7, 1)), np.float32)
+    loss = jax.jit(losses.boundary_loss)(jnp.asarray(logits), jnp.asarray(labels),
+                                        touching_weights=jnp.asarray(touching))
+    np.testing.assert_allclose(float(loss), _reference_boundary_loss(logits, labels, touching), rtol=1e-5)
+    without = float(losses.boundary_loss(jnp.asarray(logits), jnp.asarray(labels)))
+    np.testing.assert_allclose(without, _reference_boundary_loss(logits, labels, 0 * touching), rtol=1e-5)
+    assert abs(float(loss) - without) > 1e-3
+    with pytest.raises(ValueError, match="touching_weights must have"):
+        losses.boundary_loss(jnp.asarray(logits), jnp.asarray(labels), touching_weights=jnp.asarray(touching[0]))
+
+
+def test_hybrid_routes_touching_weights_to_the_boundary_term_only():
+    logits = _noisy_logits(seed=4)
+    touching = jax.random.uniform(jax.random.PRNGKey(5), SHAPE) * 10.0 * (LABELS == 0)
+    weights = {"boundary": 0.5, "bce": 0.5}
+    _, plain = losses.hybrid_loss(logits, LABELS, weights=weights)
+    total, terms = losses.hybrid_loss(logits, LABELS, weights=weights, touching_weights=touching)
+    np.testing.assert_allclose(float(terms["bce"]), float(plain["bce"]), rtol=1e-6)
+    expected = _reference_boundary_loss(np.asarray(logits), np.asarray(LABELS), np.asarray(touching, np.float64))
+    np.testing.assert_allclose(float(terms["boundary"]), expected, rtol=1e-5)
+    np.testing.assert_allclose(float(total), 0.5 * float(terms["boundary"]) + 0.5 * float(terms["bce"]), rtol=1e-6)
+    with pytest.raises(ValueError, match="touching_weights"):
+        losses.hybrid_loss(logits, LABELS, weights=weights, params={"boundary": {"touching_weights": touching}})
+
+
+@pytest.mark.parametrize("case", ["cells", "empty"])
+def test_boundary_loss_with_touching_weights_jit_grad_finite(case):
+    labels = LABELS if case == "cells" else jnp.zeros(SHAPE, jnp.int32)
+    touching = 10.0 * jax.random.uniform(jax.random.PRNGKey(2), SHAPE) * (labels == 0)
+    mask = jnp.ones(SHAPE, jnp.int32).at[:, :4].set(0)
+    for logits in (_noisy_logits(seed=1), jnp.full(SHAPE + (1,), -1e4), jnp.full(SHAPE + (1,), 1e4)):
+        value, grad = jax.jit(jax.value_and_grad(
+            lambda x: losses.boundary_loss(x, labels, touching_weights=touching, mask=mask)))(logits)
+        assert np.isfinite(float(value)) and np.isfinite(np.asarray(grad)).all(), case
+
+
+def test_boundary_training_run_feeds_touching_weights(tmp_path, monkeypatch):
+    from conftest import tiny_train_config
+    from neuroseg_jax import train
+    from neuroseg_jax.train import loop as loop_lib
+
+    config = tiny_train_config(loss="tversky+boundary", **{"train.num_steps": 2, "train.eval_every": 2,
+                                                          "data.synthetic.dense_fraction": 1.0})
+    assert loop_lib.needs_touching_weights(config.loss) and not loop_lib.needs_touching_weights(
+        tiny_train_config().loss)
+    seen = []
+    real_global_batch = loop_lib.sharding_lib.global_batch
+
+    def recording(batch, mesh):
+        seen.append(batch)
+        return real_global_batch(batch, mesh)
+
+    monkeypatch.setattr(loop_lib.sharding_lib, "global_batch", recording)
+    val = train.train_and_evaluate(config, tmp_path)
+    assert np.isfinite(val["loss"])
+    train_batches, val_batches = [b for b in seen if "weight" not in b], [b for b in seen if "weight" in b]
+    assert len(train_batches) == 2 and val_batches
+    assert all("touching_weight" in batch for batch in seen)
+    assert max(float(batch["touching_weight"].max()) for batch in train_batches) > 1.0

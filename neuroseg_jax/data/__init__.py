@@ -1,7 +1,8 @@
 """Data layer: readers, datasets (folder, synthetic, patches), transforms and grain loaders.
 
 Public API: default_data_config, build_dataset, make_loader, FolderDataset, SyntheticNeurons,
-PatchDataset, read_image, read_mask, read_labels, normalize_intensity, transforms, and
+PatchDataset, read_image, read_mask, read_labels, normalize_intensity, transforms,
+touching_cells_weights (U-Net weights of the background between touching cells) and
 load_image (an image for prediction, preprocessed exactly like the dataset images).
 """
 
@@ -13,6 +14,7 @@ from neuroseg_jax.data.patches import PatchDataset, patch_starts
 from neuroseg_jax.data.pipeline import SplitDataset, build_dataset, load_image, loader_transforms, make_loader
 from neuroseg_jax.data.splits import read_split_file, split_indices
 from neuroseg_jax.data.synthetic import SyntheticNeurons
+from neuroseg_jax.data.weight_maps import touching_cells_weights
 
 __all__ = [
     "FolderDataset",
@@ -33,5 +35,6 @@ __all__ = [
     "read_mask",
     "read_split_file",
     "split_indices",
+    "touching_cells_weights",
     "transforms",
 ]

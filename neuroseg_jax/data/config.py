@@ -57,6 +57,10 @@ def default_data_config() -> ml_collections.ConfigDict:
       tiff_page: int page index or 'max' (max projection over z/t pages of a multi-page TIFF).
       clahe: CLAHE preprocessing (all splits) and re-application after augmentation (train).
       augment: see default_augment_config().
+      touching_cells: w0 and sigma (pixels) of the U-Net weights w0 exp(-(d1 + d2)^2 / (2 sigma^2))
+        on the background between touching cells (d1, d2: distances to the nearest and the
+        second-nearest cell), computed from instance-label masks when the loss has a boundary term
+        and added to its contour weights (see weight_maps.touching_cells_weights).
       patches: MorphoSeg multi-scale overlapping patches (sizes, overlap, pruning).
       split: seeded split by image (val_fraction, test_fraction, seed, stratify, file).
       synthetic: options of SyntheticNeurons.
@@ -81,6 +85,8 @@ def default_data_config() -> ml_collections.ConfigDict:
             tiff_page="max",
             clahe=dict(enabled=False, clip_limit=3.0, tile_grid=(8, 8), after_augment=True, bit_depth=8),
             augment=default_augment_config(),
+            # U-Net's values (Ronneberger et al. 2015): w0 = 10, sigma ~ 5 px.
+            touching_cells=dict(w0=10.0, sigma=5.0),
             patches=dict(
                 enabled=False,
                 sizes=(224, 448, 1000, 1500, 2000),

@@ -85,7 +85,8 @@ def _list_images(folder: Path) -> dict[str, Path]:
 class FolderDataset:
     """Random-access dataset over `root/images/<stem>.*` and `root/masks/<stem>.*`.
 
-    Items are dict(image=float32 (H, W, channels) in [0, 1], mask=int32 (H, W) in {0, 1});
+    Items are dict(image=float32 (H, W, channels) in [0, 1], mask=int32 (H, W) in {0, 1}), plus
+    instances=int32 (H, W) labels as stored (see `instances`) with `with_instances=True`;
     names are available through `.names` / `name(i)` (strings cannot go into batches).
     Files are read on access (lazy); `cache_size` keeps the most recent decoded pairs.
 
@@ -109,6 +110,7 @@ class FolderDataset:
         mask_suffix: str = "",
         cache_size: int = 0,
         on_bad_file: str = "error",
+        with_instances: bool = False,
     ):
         if layout not in LAYOUTS:
             raise ValueError(f"layout={layout!r}: expected one of {LAYOUTS}")
@@ -128,6 +130,7 @@ class FolderDataset:
         self.percentiles = tuple(percentiles)
         self.tiff_page = tiff_page
         self.on_bad_file = on_bad_file
+        self.with_instances = bool(with_instances)
         self._cache = LruCache(cache_size)
 
         image_dir = _find_dir(self.root, _IMAGE_DIRS[layout], "images")
@@ -179,13 +182,19 @@ class FolderDataset:
             percentiles=self.percentiles,
             tiff_page=self.tiff_page,
         )
-        mask = io.read_mask(mask_path)
+        if self.with_instances:
+            # One decode gives both; read_labels checks the mask rule like read_mask.
+            labels = io.read_labels(mask_path)
+            pair = {"image": image, "mask": (labels > 0).astype(np.int32), "instances": labels}
+        else:
+            pair = {"image": image, "mask": io.read_mask(mask_path)}
+        mask = pair["mask"]
         if image.shape[:2] != mask.shape:
             raise io.ImageReadError(
                 f"{image_path}: image size {image.shape[1]}x{image.shape[0]} (WxH) differs from mask "
                 f"{mask_path} size {mask.shape[1]}x{mask.shape[0]}"
             )
-        return {"image": image, "mask": mask}
+        return pair
 
     def _pair_problem(self, image_path: Path, mask_path: Path) -> str | None:
         """Why the pair cannot be read, or None; decodes only pairs this process has not checked."""

@@ -43,8 +43,8 @@ class PatchDataset:
     """Random-access dataset of multi-scale patches of `base` items.
 
     Patch records are (item, top, left, height, width); the index is computed on first use
-    (reading every mask once), not at construction. Items: dict(image=(h, w, C), mask=(h, w))
-    with (h, w) = output_size.
+    (reading every mask once), not at construction. Items: dict(image=(h, w, C), mask=(h, w)),
+    plus instances=(h, w) when the base items carry them, with (h, w) = output_size.
     """
 
     def __init__(
@@ -106,6 +106,10 @@ class PatchDataset:
 
     def __len__(self) -> int:
         return len(self.records)
+
+    @property
+    def with_instances(self) -> bool:
+        return self.base.with_instances
 
     def __repr__(self) -> str:
         return (

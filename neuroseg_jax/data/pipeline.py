@@ -5,6 +5,8 @@ read -> percentile normalisation -> optional resize (INTER_AREA) -> optional CLA
 Train pipeline: geometric augmentation -> random crop -> photometric augmentation ->
 optional CLAHE again (IMSAHLO re-applies it after augmentation) -> batch (drop remainder).
 Val/test pipeline: center crop -> batch (keep remainder), one pass, no shuffle.
+When the loss asks for them, records carry their instance labels through these steps and get the
+touching-cells weights of their final crop just before batching.
 """
 
 from __future__ import annotations
@@ -39,8 +41,10 @@ def _size_or_none(value) -> tuple[int, int] | None:
     return height, width
 
 
-def base_dataset(data_config: ml_collections.ConfigDict) -> FolderDataset | SyntheticNeurons:
-    """The whole dataset named by `data_config.source`, before splitting."""
+def base_dataset(data_config: ml_collections.ConfigDict, *, with_instances: bool = False
+                 ) -> FolderDataset | SyntheticNeurons:
+    """The whole dataset named by `data_config.source`, before splitting; its items carry their
+    instance labels with `with_instances`."""
     if data_config.source == "synthetic":
         options = data_config.synthetic
         return SyntheticNeurons(
@@ -61,6 +65,7 @@ def base_dataset(data_config: ml_collections.ConfigDict) -> FolderDataset | Synt
             vignetting=options.vignetting,
             normalize=data_config.normalize,
             percentiles=tuple(data_config.percentiles),
+            with_instances=with_instances,
         )
     if data_config.source == "folder":
         if not data_config.root:
@@ -75,6 +80,7 @@ def base_dataset(data_config: ml_collections.ConfigDict) -> FolderDataset | Synt
             tiff_page=data_config.tiff_page,
             mask_suffix=data_config.mask_suffix,
             on_bad_file=data_config.on_bad_file,
+            with_instances=with_instances,
         )
     raise ValueError(f"data.source={data_config.source!r}: expected one of {SOURCES}")
 
@@ -110,7 +116,8 @@ def load_image(path: str | os.PathLike, data_config: ml_collections.ConfigDict) 
 class SplitDataset:
     """The items of `base` at `indices`, preprocessed (resize, CLAHE) and optionally cached.
 
-    Items: dict(image=float32 (H, W, C) in [0, 1], mask=int32 (H, W) in {0, 1}).
+    Items: dict(image=float32 (H, W, C) in [0, 1], mask=int32 (H, W) in {0, 1}), plus
+    instances=int32 (H, W) when the base dataset was built with `with_instances`.
     `names` / `name(i)`, `instances(i)`, `mask(i)` refer to the same items.
     """
 
@@ -131,6 +138,10 @@ class SplitDataset:
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    @property
+    def with_instances(self) -> bool:
+        return self.base.with_instances
 
     def __repr__(self) -> str:
         # Names the content (source, split members, preprocessing), never an object address, so
@@ -192,15 +203,17 @@ def split_of(data_config: ml_collections.ConfigDict, base: Any) -> dict[str, np.
     )
 
 
-def build_dataset(data_config: ml_collections.ConfigDict, split: str) -> SplitDataset | PatchDataset:
+def build_dataset(data_config: ml_collections.ConfigDict, split: str, *,
+                  with_instances: bool = False) -> SplitDataset | PatchDataset:
     """Random-access data source of one split ('train' | 'val' | 'test' | 'all').
 
     Returns a SplitDataset (items as in FolderDataset) or, with data.patches.enabled, a
-    PatchDataset over it. Raises ValueError for an unknown or empty split.
+    PatchDataset over it; with `with_instances` the items also carry their instance labels.
+    Raises ValueError for an unknown or empty split.
     """
     if split not in splits_lib.SPLITS + ("all",):
         raise ValueError(f"split={split!r}: expected one of {splits_lib.SPLITS + ('all',)}")
-    base = base_dataset(data_config)
+    base = base_dataset(data_config, with_instances=with_instances)
     indices = np.arange(len(base)) if split == "all" else split_of(data_config, base)[split]
     if len(indices) == 0:
         raise ValueError(f"split {split!r} is empty (check data.split fractions or data.split.file)")
@@ -224,8 +237,10 @@ def build_dataset(data_config: ml_collections.ConfigDict, split: str) -> SplitDa
     return dataset
 
 
-def loader_transforms(data_config: ml_collections.ConfigDict, split: str) -> list[grain.MapTransform]:
-    """Per-record transforms of a split (everything after build_dataset, before batching)."""
+def loader_transforms(data_config: ml_collections.ConfigDict, split: str, *,
+                      touching_weights: bool = False) -> list[grain.MapTransform]:
+    """Per-record transforms of a split (everything after build_dataset, before batching);
+    `touching_weights` adds the touching-cells weights of the final crop (data.touching_cells)."""
     crop_size = _size_or_none(data_config.crop_size)
     operations: list = []
     if split == "train":
@@ -238,6 +253,8 @@ def loader_transforms(data_config: ml_collections.ConfigDict, split: str) -> lis
             operations.append(T.Clahe(clahe.clip_limit, clahe.tile_grid, clahe.bit_depth))
     elif crop_size is not None:
         operations.append(T.CenterCrop(crop_size))
+    if touching_weights:
+        operations.append(T.TouchingCellsWeight(data_config.touching_cells.w0, data_config.touching_cells.sigma))
     operations.append(T.ToBatchable())
     return operations
 
@@ -263,8 +280,10 @@ def make_loader(
     process_count: int = 1,
     num_epochs: int | None = None,
     dataset: SplitDataset | PatchDataset | None = None,
+    touching_weights: bool = False,
 ) -> grain.IterDataset:
-    """Grain dataset of batches dict(image=(b, h, w, C) float32, mask=(b, h, w) int32).
+    """Grain dataset of batches dict(image=(b, h, w, C) float32, mask=(b, h, w) int32), plus
+    touching_weight=(b, h, w) float32 with `touching_weights`.
 
     'train': shuffled with `seed` (a new order every epoch), augmented, random crops, repeats
     forever when num_epochs is None, drops the last incomplete batch. 'val'/'test': no
@@ -276,7 +295,12 @@ def make_loader(
     `iter(loader)` is a checkpointable iterator (get_state() / set_state()); the state's layout
     depends on data.worker_count, so resume with the worker count it was saved with.
     `dataset`: the split's data source when the caller already built it with
-    `build_dataset(data_config, split)`; built here otherwise.
+    `build_dataset(data_config, split)` (with `with_instances=True` for `touching_weights`);
+    built here otherwise.
+    `touching_weights`: U-Net weights of the background between touching cells (see
+    weight_maps.touching_cells_weights with data.touching_cells.w0 and .sigma), computed from the
+    instance labels after augmentation and crop; the boundary loss adds them to its contour weights.
+    Binary masks hold one cell and get zeros.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
@@ -284,7 +308,12 @@ def make_loader(
         raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
     train = split == "train"
     if dataset is None:
-        dataset = build_dataset(data_config, split)
+        dataset = build_dataset(data_config, split, with_instances=touching_weights)
+    elif touching_weights and not dataset.with_instances:
+        raise ValueError(
+            f"touching_weights need instance labels, but {dataset!r} was built without them: "
+            "use build_dataset(..., with_instances=True)"
+        )
     if train and len(dataset) // process_count < batch_size:
         raise ValueError(
             f"train split has {len(dataset)} records for {process_count} process(es): "
@@ -301,7 +330,7 @@ def make_loader(
     records = records.repeat(num_epochs if num_epochs is not None else (None if train else 1))
     # Random transforms draw from (their seed, position in the repeated stream): the same
     # whatever process of the worker pool computes the record.
-    batches = records.apply(loader_transforms(data_config, split)).batch(
+    batches = records.apply(loader_transforms(data_config, split, touching_weights=touching_weights)).batch(
         batch_size, drop_remainder=train, batch_fn=stack_batch
     )
     # data.prefetch counts records but the read-ahead buffer holds batches: round up, and let

@@ -31,8 +31,10 @@ _MIN_MAJOR_AXIS_PX = 6.0
 class SyntheticNeurons:
     """Random-access dataset of `num_images` procedural neuron images.
 
-    Items: dict(image=float32 (H, W, channels) in [0, 1], mask=int32 (H, W) in {0, 1}).
-    `instances(i)` gives int32 (H, W) instance labels (0 = background) of the same item.
+    Items: dict(image=float32 (H, W, channels) in [0, 1], mask=int32 (H, W) in {0, 1}), plus
+    instances=int32 (H, W) labels with `with_instances=True`. `instances(i)` gives the int32 (H, W)
+    instance labels (0 = background) of the same item. Cells of a dense cluster overlap: a later
+    cell covers part of an earlier one, so neighbours touch without background between them.
     """
 
     def __init__(
@@ -55,6 +57,7 @@ class SyntheticNeurons:
         vignetting: float = 0.4,
         normalize: str = "percentile",
         percentiles: tuple[float, float] = (0.5, 99.8),
+        with_instances: bool = False,
     ):
         if num_images < 1:
             raise ValueError(f"synthetic num_images={num_images} must be >= 1")
@@ -85,6 +88,7 @@ class SyntheticNeurons:
         self.vignetting = float(vignetting)
         self.normalize = normalize
         self.percentiles = tuple(percentiles)
+        self.with_instances = bool(with_instances)
         # Radial illumination fall-off is the same for every image: compute it once.
         ys = (np.arange(height, dtype=np.float32) - (height - 1) / 2) / (height / 2)
         xs = (np.arange(width, dtype=np.float32) - (width - 1) / 2) / (width / 2)
@@ -182,7 +186,8 @@ class SyntheticNeurons:
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         image, instances = self._generate(self._check(index))
-        return {"image": image, "mask": (instances > 0).astype(np.int32)}
+        item = {"image": image, "mask": (instances > 0).astype(np.int32)}
+        return {**item, "instances": instances} if self.with_instances else item
 
     def instances(self, index: int) -> np.ndarray:
         """int32 (H, W) instance labels of item `index` (same pixels as its mask)."""

@@ -1,7 +1,9 @@
 """Grain transforms on elements dict(image=float32 (H, W, C) in [0, 1], mask=int32 (H, W)).
 
-Geometric transforms move image and mask with the same coordinate map (image: bilinear or
-INTER_AREA, mask: nearest, so it stays binary). Photometric transforms touch the image only.
+Elements may also carry `instances` (int32 (H, W) instance labels, 0 = background) when the loss
+needs them. Geometric transforms move image and label maps (mask, instances) with the same
+coordinate map (image: bilinear or INTER_AREA, labels: nearest, so they keep their values).
+Photometric transforms touch the image only.
 Random transforms draw from the per-record numpy Generator that grain passes in, so results
 depend only on (loader seed, record index). Transforms never modify their input arrays (items
 may come from a cache shared between records).
@@ -10,13 +12,17 @@ may come from a cache shared between records).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import cv2
 import grain.python as grain
 import numpy as np
 
+from neuroseg_jax.data.weight_maps import check_touching_cells, touching_cells_weights
+
 Element = dict[str, np.ndarray]
+# Per-pixel labels that geometric transforms move like the image.
+LABEL_KEYS = ("mask", "instances")
 
 
 def _pair(size: Sequence[int] | int) -> tuple[int, int]:
@@ -26,11 +32,25 @@ def _pair(size: Sequence[int] | int) -> tuple[int, int]:
     return height, width
 
 
-def _with(element: Element, image: np.ndarray, mask: np.ndarray) -> Element:
-    """Copy of `element` with new image/mask; an image that cv2 squeezed to 2-D gets its channel back."""
+def _with(element: Element, image: np.ndarray, move_labels: Callable[[np.ndarray], np.ndarray]) -> Element:
+    """Copy of `element` with a new image and every label map moved by `move_labels`; an image that
+    cv2 squeezed to 2-D gets its channel back."""
     if image.ndim == 2:
         image = image[..., None]
-    return {**element, "image": image, "mask": mask}
+    moved = {key: move_labels(element[key]) for key in LABEL_KEYS if key in element}
+    return {**element, "image": image, **moved}
+
+
+def _nearest(warp: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    """Label mover from a cv2 nearest-neighbour warp: int labels pass through the smallest dtype that
+    cv2 accepts and that holds them exactly, and come back as int32."""
+
+    def move(labels: np.ndarray) -> np.ndarray:
+        top = int(labels.max(initial=0))
+        dtype = np.uint8 if top <= 255 else np.uint16 if top <= 65535 else np.float64
+        return warp(labels.astype(dtype)).astype(np.int32)
+
+    return move
 
 
 def resize_image(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
@@ -47,8 +67,8 @@ def resize_pair(element: Element, size: Sequence[int]) -> Element:
     height, width = _pair(size)
     if element["mask"].shape == (height, width):
         return element
-    mask = cv2.resize(element["mask"].astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST)
-    return _with(element, resize_image(element["image"], size), mask.astype(np.int32))
+    move = _nearest(lambda labels: cv2.resize(labels, (width, height), interpolation=cv2.INTER_NEAREST))
+    return _with(element, resize_image(element["image"], size), move)
 
 
 def clahe(image: np.ndarray, *, clip_limit: float, tile_grid: Sequence[int], bit_depth: int = 8) -> np.ndarray:
@@ -71,21 +91,24 @@ def clahe(image: np.ndarray, *, clip_limit: float, tile_grid: Sequence[int], bit
 def crop_or_pad(element: Element, size: Sequence[int], top: int, left: int) -> Element:
     """Window (top, left, size) of the element; parts outside the image are zero (background)."""
     height, width = _pair(size)
-    image, mask = element["image"], element["mask"]
+    image = element["image"]
     pad_y, pad_x = max(0, height - image.shape[0]), max(0, width - image.shape[1])
-    if pad_y or pad_x:
-        image = np.pad(image, ((0, pad_y), (0, pad_x), (0, 0)))
-        mask = np.pad(mask, ((0, pad_y), (0, pad_x)))
-    return _with(element, image[top : top + height, left : left + width], mask[top : top + height, left : left + width])
+
+    def window(array: np.ndarray) -> np.ndarray:
+        if pad_y or pad_x:
+            array = np.pad(array, ((0, pad_y), (0, pad_x)) + ((0, 0),) * (array.ndim - 2))
+        return array[top : top + height, left : left + width]
+
+    return _with(element, window(image), window)
 
 
 def _warp(element: Element, map_x: np.ndarray, map_y: np.ndarray) -> Element:
-    """Sample image (bilinear) and mask (nearest) at (map_x, map_y); reflected borders."""
+    """Sample image (bilinear) and label maps (nearest) at (map_x, map_y); reflected borders."""
     image = cv2.remap(element["image"], map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
-    mask = cv2.remap(
-        element["mask"].astype(np.uint8), map_x, map_y, cv2.INTER_NEAREST, borderMode=cv2.BORDER_REFLECT_101
+    move = _nearest(
+        lambda labels: cv2.remap(labels, map_x, map_y, cv2.INTER_NEAREST, borderMode=cv2.BORDER_REFLECT_101)
     )
-    return _with(element, image, mask.astype(np.int32))
+    return _with(element, image, move)
 
 
 def _warp_affine(element: Element, matrix: np.ndarray) -> Element:
@@ -93,14 +116,12 @@ def _warp_affine(element: Element, matrix: np.ndarray) -> Element:
     image = cv2.warpAffine(
         element["image"], matrix, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101
     )
-    mask = cv2.warpAffine(
-        element["mask"].astype(np.uint8),
-        matrix,
-        (width, height),
-        flags=cv2.INTER_NEAREST,
-        borderMode=cv2.BORDER_REFLECT_101,
+    move = _nearest(
+        lambda labels: cv2.warpAffine(
+            labels, matrix, (width, height), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_REFLECT_101
+        )
     )
-    return _with(element, image, mask.astype(np.int32))
+    return _with(element, image, move)
 
 
 class Resize(grain.MapTransform):
@@ -156,12 +177,12 @@ class RandomFlip(grain.RandomMapTransform):
         self.horizontal, self.vertical = horizontal, vertical
 
     def random_map(self, element: Element, rng: np.random.Generator) -> Element:
-        image, mask = element["image"], element["mask"]
-        if rng.uniform() < self.horizontal:
-            image, mask = image[:, ::-1], mask[:, ::-1]
-        if rng.uniform() < self.vertical:
-            image, mask = image[::-1], mask[::-1]
-        return _with(element, image, mask)
+        flip_x, flip_y = rng.uniform() < self.horizontal, rng.uniform() < self.vertical
+
+        def flip(array: np.ndarray) -> np.ndarray:
+            return array[:: -1 if flip_y else 1, :: -1 if flip_x else 1]
+
+        return _with(element, flip(element["image"]), flip)
 
 
 class RandomRot90(grain.RandomMapTransform):
@@ -174,7 +195,7 @@ class RandomRot90(grain.RandomMapTransform):
         if rng.uniform() >= self.p:
             return element
         turns = int(rng.integers(1, 4))
-        return _with(element, np.rot90(element["image"], turns), np.rot90(element["mask"], turns))
+        return _with(element, np.rot90(element["image"], turns), lambda array: np.rot90(array, turns))
 
 
 class RandomRotate(grain.RandomMapTransform):
@@ -305,17 +326,37 @@ class GaussianBlur(grain.RandomMapTransform):
         if rng.uniform() >= self.p:
             return element
         blurred = cv2.GaussianBlur(element["image"], (0, 0), rng.uniform(*self.sigma))
-        return _with(element, blurred, element["mask"])
+        return {**element, "image": blurred[..., None] if blurred.ndim == 2 else blurred}
+
+
+class TouchingCellsWeight(grain.MapTransform):
+    """Adds `touching_weight`: float32 (H, W) U-Net weights of the background between neighbouring
+    cells (see weight_maps.touching_cells_weights), from the element's instance labels. Runs after
+    the crop, so the distances are those of the pixels the model sees."""
+
+    def __init__(self, w0: float, sigma: float):
+        check_touching_cells(w0, sigma)
+        self.w0, self.sigma = float(w0), float(sigma)
+
+    def map(self, element: Element) -> Element:
+        if "instances" not in element:
+            raise ValueError("touching-cells weights need instance labels: build the dataset with with_instances=True")
+        weights = touching_cells_weights(element["instances"], w0=self.w0, sigma=self.sigma)
+        return {**element, "touching_weight": weights}
 
 
 class ToBatchable(grain.MapTransform):
-    """Keep only image (float32, C-contiguous) and mask (int32); names never enter batches."""
+    """Keep only image (float32, C-contiguous), mask (int32) and, when computed, touching_weight
+    (float32); names and instance labels never enter batches."""
 
     def map(self, element: Element) -> Element:
-        return {
+        batchable = {
             "image": np.ascontiguousarray(element["image"], np.float32),
             "mask": np.ascontiguousarray(element["mask"], np.int32),
         }
+        if "touching_weight" in element:
+            batchable["touching_weight"] = np.ascontiguousarray(element["touching_weight"], np.float32)
+        return batchable
 
 
 def geometric_transforms(augment) -> list[grain.RandomMapTransform]:

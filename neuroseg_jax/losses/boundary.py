@@ -5,6 +5,11 @@ The contour of a class is its mask minus the mask's binary erosion (IMSAHLO §II
 window, i.e. ``width`` iterations of 8-connected erosion. Pixels outside the image count as inside
 the mask (scipy's ``border_value=1``), so an object cut by the crop edge gets no artificial contour
 along the cut. Everything runs inside jit from integer labels.
+
+The contour of a binary mask cannot see the narrow background between two touching cells, which
+the IMSAHLO text says this term is for (separating adjacent cells); that needs instance labels and
+per-cell distance transforms, so the data pipeline computes those weights on the host (U-Net's
+touching-cells term, neuroseg_jax.data.weight_maps) and the loss adds them as ``touching_weights``.
 """
 
 from __future__ import annotations
@@ -52,16 +57,18 @@ def contour_weights(labels: jax.Array, num_classes: int = 1, *, width: int = 1, 
 
 def boundary_loss(logits: jax.Array, labels: jax.Array, *, width: int = 1, w: float = 5.0, epsilon: float = 1.0,
                   include_background: bool = False, reduction: str = "global",
-                  mask: jax.Array | None = None) -> jax.Array:
+                  touching_weights: jax.Array | None = None, mask: jax.Array | None = None) -> jax.Array:
     """Contour-weighted boundary loss L = L_wBCE + L_wDice (IMSAHLO eqs. 6-8).
 
     L_wBCE = -(1/N) sum_i w_i [g_i log p_i + (1 - g_i) log(1 - p_i)]  (eq. 7; categorical CE for K >= 2),
     L_wDice = 1 - (2 sum w p g + eps) / (sum w p^2 + sum w g^2 + eps)  (eq. 8, averaged over classes),
-    with w = :func:`contour_weights` computed from ``labels``.
+    with w = :func:`contour_weights` computed from ``labels``, plus ``touching_weights`` when given.
 
     Args:
       logits: (B, H, W, K); labels: (B, H, W) int; mask: optional (B, H, W).
       width: contour width in pixels; w: extra weight of contour pixels.
+      touching_weights: optional (B, H, W) weights added to the contour weights: the background
+        between touching cells, from instance labels (``data.weight_maps.touching_cells_weights``).
       epsilon: Dice smoothing; include_background: Dice over class 0 too (K >= 2).
       reduction: 'global' (both terms over the whole batch), 'mean' (BCE over the batch, Dice as mean of
         per-image values) or 'none' ((B,) per image).
@@ -69,6 +76,11 @@ def boundary_loss(logits: jax.Array, labels: jax.Array, *, width: int = 1, w: fl
     check_inputs(logits, labels, mask)
     check_reduction(reduction)
     weights = contour_weights(labels, logits.shape[-1], width=width, w=w)
+    if touching_weights is not None:
+        if touching_weights.shape != labels.shape:
+            raise ValueError(f"touching_weights must have the labels' shape {labels.shape} (B, H, W); "
+                             f"got {touching_weights.shape}")
+        weights = weights + touching_weights.astype(jnp.float32)
     weighted_bce = bce_loss(logits, labels, pixel_weights=weights, reduction=reduction, mask=mask)
     probs, target, _ = region_inputs(logits, labels, mask, include_background, reduction)
     pixel_w = weights[..., None]

@@ -30,6 +30,9 @@ LOSS_TERMS: dict[str, LossFn] = {
     "dice_cldice": dice_cldice_loss,
 }
 
+# Terms that take the host-computed touching-cells weights (see boundary.boundary_loss).
+TOUCHING_WEIGHTED_TERMS = frozenset({"boundary"})
+
 # IMSAHLO eq. 3 and the text below it: W1..W4 = 0.4, 0.2, 0.3, 0.1 for Tversky, boundary, focal, clDice.
 # (The ablation paragraph of §IV-D lists 0.4, 0.3, 0.2, 0.1 for Tversky, contour, focal, clDice; we follow
 # eq. 3.) Per-term hyper-parameters are the paper's: Tversky alpha 0.3 / beta 0.7, focal gamma 3 / alpha 0.8.
@@ -63,6 +66,7 @@ def _is_static_zero(weight: object) -> bool:
 
 def hybrid_loss(logits: jax.Array, labels: jax.Array, *, weights: Mapping[str, float | jax.Array],
                 params: Mapping[str, Mapping[str, object]] | None = None,
+                touching_weights: jax.Array | None = None,
                 mask: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Weighted sum of loss terms: total = sum_t weights[t] * term_t (IMSAHLO eq. 3 for IMSAHLO_WEIGHTS).
 
@@ -75,6 +79,8 @@ def hybrid_loss(logits: jax.Array, labels: jax.Array, *, weights: Mapping[str, f
       params: optional term name -> keyword arguments of that term's function (e.g.
         {'tversky': {'alpha': 0.3, 'beta': 0.7}, 'cldice': {'iterations': 10}}); unspecified keys keep
         the function defaults. Every key must also be in ``weights``.
+      touching_weights: optional (B, H, W) touching-cells weights for the terms that take them
+        (``TOUCHING_WEIGHTED_TERMS``: the boundary term adds them to its contour weights).
 
     Returns:
       (total float32 scalar, {term name: unweighted float32 scalar}) for the terms that were evaluated.
@@ -96,9 +102,11 @@ def hybrid_loss(logits: jax.Array, labels: jax.Array, *, weights: Mapping[str, f
         if _is_static_zero(weight):
             continue
         kwargs = dict(params.get(name, {}))
-        if "mask" in kwargs or "reduction" in kwargs:
-            raise ValueError(f"loss params for {name!r} may not set 'mask' or 'reduction' (hybrid_loss needs "
-                             f"scalars and passes its own mask)")
+        if {"mask", "reduction", "touching_weights"} & set(kwargs):
+            raise ValueError(f"loss params for {name!r} may not set 'mask', 'reduction' or 'touching_weights' "
+                             f"(hybrid_loss needs scalars and passes its own mask and weights)")
+        if name in TOUCHING_WEIGHTED_TERMS and touching_weights is not None:
+            kwargs["touching_weights"] = touching_weights
         try:
             value = LOSS_TERMS[name](logits, labels, mask=mask, **kwargs)
         except TypeError as error:
