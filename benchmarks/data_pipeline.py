@@ -19,18 +19,18 @@ absorbs worker start-up.
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import statistics
 import sys
 import time
 
 import psutil
+from absl import app, flags, logging
 
 from neuroseg_jax.data import make_loader
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from train_throughput import load_config, measure_train_step  # noqa: E402  (benchmarks/ is not a package)
+from step_timing import load_config, measure_train_step  # noqa: E402  (benchmarks/ is not a package)
 
 STRESS_TRANSFORMS = (
     "rotate",
@@ -42,10 +42,21 @@ STRESS_TRANSFORMS = (
     "gaussian_blur",
 )
 
+_CONFIG = flags.DEFINE_string("config", "imsahlo", "configs/NAME.py argument, 'NAME:ARGS'")
+_CONFIG_OVERRIDE = flags.DEFINE_multi_string("config_override", [], "data.KEY=VALUE (str/int/float keys)")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 2, "batch size of the loader and of the train step")
+_STRESS = flags.DEFINE_bool("stress", False, "every transform at probability 0.5")
+_WINDOWS = flags.DEFINE_integer("windows", 3, "timing windows per loader (images/s is their median)")
+_BATCHES = flags.DEFINE_integer("batches", 3, "batches per timing window")
+_WORKERS = flags.DEFINE_list("workers", ["0", "1", "2"], "grain worker counts to measure")
+_TRAIN_STEPS = flags.DEFINE_integer("train_steps", 2, "timed train steps (0: skip the step)")
+flags.register_validator("workers", lambda values: all(value.isdigit() for value in values),
+                         message="--workers takes non-negative integers, e.g. 0,1,2")
 
-def pipeline_config(args: argparse.Namespace, *, augment: bool, worker_count: int):
-    config = load_config(args.config)
-    for override in args.config_override:
+
+def pipeline_config(*, augment: bool, worker_count: int):
+    config = load_config(_CONFIG.value)
+    for override in _CONFIG_OVERRIDE.value:
         key, _, value = override.partition("=")
         key = key.removeprefix("data.")
         config.data[key] = type(config.data[key])(value)
@@ -55,7 +66,7 @@ def pipeline_config(args: argparse.Namespace, *, augment: bool, worker_count: in
     if not augment:
         config.data.augment.enabled = False
         config.data.clahe.enabled = False
-    elif args.stress:
+    elif _STRESS.value:
         for name in STRESS_TRANSFORMS:
             config.data.augment[name].p = 0.5
     return config
@@ -89,39 +100,33 @@ def measure_loader(config, *, batch_size: int, windows: int, batches: int) -> tu
     return statistics.median(rates), peak
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="imsahlo", help="configs/NAME.py argument, 'NAME:ARGS'")
-    parser.add_argument("--config_override", nargs="*", default=[], help="data.KEY=VALUE (str/int/float keys)")
-    parser.add_argument("--batch_size", type=int, default=2)
-    parser.add_argument("--stress", action="store_true", help="every transform at probability 0.5")
-    parser.add_argument("--windows", type=int, default=3)
-    parser.add_argument("--batches", type=int, default=3)
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--train_steps", type=int, default=2, help="timed train steps (0: skip the step)")
-    args = parser.parse_args()
-    measure = dict(batch_size=args.batch_size, windows=args.windows, batches=args.batches)
-    reference, reference_rss = measure_loader(pipeline_config(args, augment=False, worker_count=0), **measure)
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # absl's INFO default would mix libraries' notes into the table
+    batch_size, train_steps, stress = _BATCH_SIZE.value, _TRAIN_STEPS.value, _STRESS.value
+    measure = dict(batch_size=batch_size, windows=_WINDOWS.value, batches=_BATCHES.value)
+    reference, reference_rss = measure_loader(pipeline_config(augment=False, worker_count=0), **measure)
     rows = [("loader, no aug, no CLAHE", 0, reference, reference_rss)]
-    for workers in args.workers:
-        rate, rss = measure_loader(pipeline_config(args, augment=True, worker_count=workers), **measure)
-        rows.append(("loader, " + ("stress aug + CLAHE" if args.stress else "config's pipeline"), workers, rate, rss))
-    config = pipeline_config(args, augment=True, worker_count=0)
+    for workers in map(int, _WORKERS.value):
+        rate, rss = measure_loader(pipeline_config(augment=True, worker_count=workers), **measure)
+        rows.append(("loader, " + ("stress aug + CLAHE" if stress else "config's pipeline"), workers, rate, rss))
+    config = pipeline_config(augment=True, worker_count=0)
     print(
-        f"{args.config}: crops {config.data.crop_size}, batch {args.batch_size}, source {config.data.source}, "
+        f"{_CONFIG.value}: crops {config.data.crop_size}, batch {batch_size}, source {config.data.source}, "
         f"{psutil.cpu_count()} CPUs"
     )
-    step = measure_train_step(config, args.batch_size, args.train_steps) if args.train_steps else None
+    step = measure_train_step(config, batch_size, train_steps) if train_steps else None
     print(f"{'what':<36}{'workers':>8}{'images/s':>10}{'vs ref':>8}{'vs step':>9}{'peak RSS MiB':>14}")
     for name, workers, rate, rss in rows:
         versus_step = f"{rate / step['images_per_s']:9.1f}" if step else f"{'-':>9}"
         print(f"{name:<36}{workers:>8}{rate:>10.2f}{rate / reference:>8.2f}{versus_step}{rss:>14.0f}")
     if step:
         print(
-            f"{'train step (median of ' + str(args.train_steps) + ')':<36}{'-':>8}{step['images_per_s']:>10.2f}"
+            f"{'train step (median of ' + str(train_steps) + ')':<36}{'-':>8}{step['images_per_s']:>10.2f}"
             f"{step['images_per_s'] / reference:>8.2f}{1.0:>9.1f}{step['peak_mib']:>14.0f}"
         )
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

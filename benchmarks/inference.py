@@ -14,7 +14,6 @@ Run: python benchmarks/inference.py [--repeats 3]. Prints a table of medians.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
@@ -22,10 +21,14 @@ import cv2
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags, logging
 from scipy.spatial.distance import cdist, directed_hausdorff
 
 from neuroseg_jax.inference import sliding_window
 from neuroseg_jax.metrics import boundary, hd95
+
+_REPEATS = flags.DEFINE_integer("repeats", 3, "timed runs per method (the table shows their median)")
+_BATCH_SIZE = flags.DEFINE_integer("batch-size", 16, "windows per sliding-window forward call")
 
 KERNEL = jnp.asarray(np.random.default_rng(0).normal(size=(3, 3, 1, 1)), jnp.float32)
 
@@ -78,24 +81,23 @@ def brute_force_hd95(pred: np.ndarray, target: np.ndarray, chunk: int = 2048) ->
                np.percentile(directed(target_points, pred_points), 95))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=16)
-    args = parser.parse_args()
-
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # absl's INFO default would mix libraries' notes into the table
+    repeats = _REPEATS.value
     image = np.random.default_rng(1).random((3000, 4000, 1)).astype(np.float32)
     megapixels = image.shape[0] * image.shape[1] / 1e6
     rows = []
-    full = median_seconds(lambda: np.asarray(conv_predictor(image[None])), args.repeats)
+    full = median_seconds(lambda: np.asarray(conv_predictor(image[None])), repeats)
     rows.append(("full-image forward (reference)", full, megapixels / full, 1.0))
     for blend in ("constant", "gaussian"):
         seconds = median_seconds(
             lambda: sliding_window(conv_predictor, image, window=(224, 224), overlap=56,
-                                   batch_size=args.batch_size, blend=blend), args.repeats)
+                                   batch_size=_BATCH_SIZE.value, blend=blend), repeats)
         rows.append((f"sliding_window 224/56 {blend}", seconds, megapixels / seconds, seconds / full))
     print(f"\nSliding-window inference, 4000x3000x1, jax {jax.__version__} on "
-          f"{jax.devices()[0].platform}, median of {args.repeats}")
+          f"{jax.devices()[0].platform}, median of {repeats}")
     print(f"{'method':<36}{'seconds':>10}{'Mpx/s':>10}{'x reference':>13}")
     for name, seconds, rate, ratio in rows:
         print(f"{name:<36}{seconds:>10.3f}{rate:>10.2f}{ratio:>13.2f}")
@@ -103,15 +105,15 @@ def main() -> None:
     pred, target = cell_masks()
     ours_value = hd95(pred, target)
     reference_value = brute_force_hd95(pred, target)
-    ours = median_seconds(lambda: hd95(pred, target), args.repeats)
-    brute = median_seconds(lambda: brute_force_hd95(pred, target), args.repeats)
+    ours = median_seconds(lambda: hd95(pred, target), repeats)
+    brute = median_seconds(lambda: brute_force_hd95(pred, target), repeats)
     pred_points = np.argwhere(boundary(pred)).astype(np.float64)
     target_points = np.argwhere(boundary(target)).astype(np.float64)
     scipy_hd = median_seconds(
         lambda: max(directed_hausdorff(pred_points, target_points)[0],
-                    directed_hausdorff(target_points, pred_points)[0]), args.repeats)
+                    directed_hausdorff(target_points, pred_points)[0]), repeats)
     print(f"\nHD95 of one 1600x1200 pair ({len(pred_points)} + {len(target_points)} boundary px), "
-          f"median of {args.repeats}")
+          f"median of {repeats}")
     print(f"{'method':<44}{'ms':>10}{'value':>10}{'x ours':>9}")
     print(f"{'metrics.hd95 (EDT, MONAI convention)':<44}{ours * 1e3:>10.1f}{ours_value:>10.3f}{1.0:>9.2f}")
     print(f"{'brute-force cdist HD95 (reference)':<44}{brute * 1e3:>10.1f}"
@@ -123,4 +125,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

@@ -12,15 +12,22 @@ each loss's share of a training step (model + hybrid loss).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
+from absl import app, flags, logging
 
 from neuroseg_jax import losses
 from neuroseg_jax.losses import outliers
+
+_REPEATS = flags.DEFINE_integer("repeats", 5, "timed runs per loss (the table shows their median)")
+_BATCH = flags.DEFINE_integer("batch", 2, "images per batch")
+_HEIGHT = flags.DEFINE_integer("height", 512, "image height")
+_WIDTH = flags.DEFINE_integer("width", 768, "image width")
+_MODEL = flags.DEFINE_string("model", "", "also time this model's forward+backward (e.g. imsahlo)")
+_MODEL_WIDTH = flags.DEFINE_integer("model-width", None, "model base width (default: its own)")
 
 
 def _time(fn, *args, repeats: int) -> float:
@@ -59,16 +66,12 @@ def _reference_cldice(logits: jax.Array, labels: jax.Array, iterations: int = 3)
     return 1.0 - 2.0 * tprec * tsens / (tprec + tsens)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--height", type=int, default=512)
-    parser.add_argument("--width", type=int, default=768)
-    parser.add_argument("--model", default="", help="also time this model's forward+backward (e.g. imsahlo)")
-    parser.add_argument("--model-width", type=int, default=None, help="model base width (default: its own)")
-    args = parser.parse_args()
-    shape = (args.batch, args.height, args.width)
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # absl's INFO default would mix libraries' notes into the table
+    repeats, model_name = _REPEATS.value, _MODEL.value
+    shape = (_BATCH.value, _HEIGHT.value, _WIDTH.value)
     key_logits, key_labels = jax.random.split(jax.random.PRNGKey(0))
     logits = jax.random.normal(key_logits, shape + (1,), jnp.float32)
     labels = (jax.random.uniform(key_labels, shape) > 0.8).astype(jnp.int32)
@@ -79,7 +82,7 @@ def main() -> None:
         # Labels are an argument, not a closure constant, so XLA cannot constant-fold their skeleton.
         return jax.jit(jax.value_and_grad(fn))
 
-    reference = _time(grad_of(_reference_cldice), logits, labels, repeats=args.repeats)
+    reference = _time(grad_of(_reference_cldice), logits, labels, repeats=repeats)
     rows.append(("reference clDice, 3 it (pooling)", reference))
     cases = {
         "dice": lambda x, y: losses.dice_loss(x, y),
@@ -93,7 +96,7 @@ def main() -> None:
         "hybrid (IMSAHLO, clDice 10 it)": lambda x, y: losses.hybrid_loss(x, y, weights=losses.IMSAHLO_WEIGHTS)[0],
     }
     for name, fn in cases.items():
-        rows.append((name, _time(grad_of(fn), logits, labels, repeats=args.repeats)))
+        rows.append((name, _time(grad_of(fn), logits, labels, repeats=repeats)))
 
     buffers = outliers.init_buffers(2, 10_000, 1)
     buffers = outliers.update_buffers(buffers, logits, labels, jax.random.PRNGKey(1))
@@ -104,14 +107,14 @@ def main() -> None:
                                                                          max_per_class=1000)[0])(x)
 
     rows.append(("outlier regularizer (100k -> 10k / class)",
-                 _time(outlier_step, buffers, logits, labels, jax.random.PRNGKey(2), repeats=args.repeats)))
+                 _time(outlier_step, buffers, logits, labels, jax.random.PRNGKey(2), repeats=repeats)))
 
-    model_seconds = _time_model(args, logits, repeats=args.repeats) if args.model else None
-    print(f"forward+backward, logits {shape + (1,)}, {jax.devices()[0].platform}, median of {args.repeats}")
+    model_seconds = _time_model(model_name, _MODEL_WIDTH.value, logits, repeats=repeats) if model_name else None
+    print(f"forward+backward, logits {shape + (1,)}, {jax.devices()[0].platform}, median of {repeats}")
     header = f"{'loss':44s} {'seconds':>9s} {'vs reference':>13s}"
     if model_seconds is not None:
         step_seconds = model_seconds + dict(rows)["hybrid (IMSAHLO, clDice 10 it)"]
-        print(f"model {args.model} forward+backward: {model_seconds:.4f} s; step = model + hybrid loss: "
+        print(f"model {model_name} forward+backward: {model_seconds:.4f} s; step = model + hybrid loss: "
               f"{step_seconds:.4f} s")
         header += f" {'% of step':>10s}"
     print(header)
@@ -122,12 +125,12 @@ def main() -> None:
         print(line)
 
 
-def _time_model(args: argparse.Namespace, logits: jax.Array, *, repeats: int) -> float:
+def _time_model(name: str, width: int | None, logits: jax.Array, *, repeats: int) -> float:
     """Median forward+backward time of the model on images of the benchmark size."""
     from neuroseg_jax.models import create_model  # only the benchmark needs a model; losses never import one
 
-    kwargs = {"num_classes": 1} if args.model_width is None else {"num_classes": 1, "width": args.model_width}
-    model = create_model(args.model, **kwargs)
+    kwargs = {"num_classes": 1} if width is None else {"num_classes": 1, "width": width}
+    model = create_model(name, **kwargs)
     images = jax.nn.sigmoid(logits)
     params = model.init(jax.random.PRNGKey(0), images[:1])["params"]
 
@@ -139,4 +142,4 @@ def _time_model(args: argparse.Namespace, logits: jax.Array, *, repeats: int) ->
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

@@ -16,7 +16,6 @@ Examples:
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -26,10 +25,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import app, flags, logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from neuroseg_jax.models import MODELS, create_model  # noqa: E402
+
+_MODELS = flags.DEFINE_string("models", ",".join(MODELS), "comma-separated registry names")
+_WIDTH = flags.DEFINE_integer("width", 32, "base width of the convolutional models")
+_TRANSUNET_WIDTH = flags.DEFINE_integer("transunet-width", None, "ResNet width of TransUNet (default 64)")
+_FLOP_SIZES = flags.DEFINE_string("flop-sizes", "512x768,224x224", "HxW sizes for the GFLOP columns")
+_TIME_SIZE = flags.DEFINE_string("time-size", "224x224", "HxW size of the timed forward / train step")
+_BATCH = flags.DEFINE_integer("batch", 1, "images per batch")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "timed runs per model (the table shows their median)")
+_NO_TIMING = flags.DEFINE_bool("no-timing", False, "only parameters and GFLOPs (no compute)")
+_REFERENCE = flags.DEFINE_string("reference", "unet", "model whose times give the ratio column")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -86,49 +96,41 @@ def time_model(model, variables, image_shape, repeats: int) -> tuple[float, floa
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated registry names")
-    parser.add_argument("--width", type=int, default=32, help="base width of the convolutional models")
-    parser.add_argument("--transunet-width", type=int, default=None, help="ResNet width of TransUNet (default 64)")
-    parser.add_argument("--flop-sizes", default="512x768,224x224", help="HxW sizes for the GFLOP columns")
-    parser.add_argument("--time-size", default="224x224", help="HxW size of the timed forward / train step")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--no-timing", action="store_true", help="only parameters and GFLOPs (no compute)")
-    parser.add_argument("--reference", default="unet", help="model whose times give the ratio column")
-    args = parser.parse_args()
-
-    names = [name.strip() for name in args.models.split(",") if name.strip()]
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # absl's INFO default would mix libraries' notes into the table
+    timing, reference, batch = not _NO_TIMING.value, _REFERENCE.value, _BATCH.value
+    names = [name.strip() for name in _MODELS.value.split(",") if name.strip()]
     unknown = [name for name in names if name not in MODELS]
     if unknown:
-        parser.error(f"unknown model(s) {unknown}; known: {sorted(MODELS)}")
-    if not args.no_timing and args.reference not in names:
-        names.insert(0, args.reference)
-    flop_sizes = [parse_size(size) for size in args.flop_sizes.split(",")]
-    time_size = parse_size(args.time_size)
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; conv width {args.width}; "
-          f"batch {args.batch}; timed at {time_size[0]}x{time_size[1]}, median of {args.repeats}")
+        raise app.UsageError(f"unknown model(s) {unknown}; known: {sorted(MODELS)}")
+    if timing and reference not in names:
+        names.insert(0, reference)
+    flop_sizes = [parse_size(size) for size in _FLOP_SIZES.value.split(",")]
+    time_size = parse_size(_TIME_SIZE.value)
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; conv width {_WIDTH.value}; "
+          f"batch {batch}; timed at {time_size[0]}x{time_size[1]}, median of {_REPEATS.value}")
 
     header = ["model", "width", "params (M)"] + [f"GFLOPs {h}x{w}" for h, w in flop_sizes]
-    if not args.no_timing:
-        header += ["fwd (ms)", "train step (ms)", f"fwd / {args.reference}", f"step / {args.reference}"]
+    if timing:
+        header += ["fwd (ms)", "train step (ms)", f"fwd / {reference}", f"step / {reference}"]
     print(" | ".join(header))
     print(" | ".join("---" for _ in header))
     reference_times = None
     for name in names:
         is_transunet = name.startswith("transunet")
-        width = args.transunet_width if is_transunet else args.width
+        width = _TRANSUNET_WIDTH.value if is_transunet else _WIDTH.value
         kwargs = {} if width is None else {"width": width}
         model = create_model(name, **kwargs)
         channels = 3 if is_transunet else 1
-        variables = random_params(model, (args.batch, 224, 224, channels))
+        variables = random_params(model, (batch, 224, 224, channels))
         count = sum(leaf.size for leaf in jax.tree.leaves(variables["params"]))
         row = [name, str(model.width), f"{count / 1e6:.2f}"]
-        row += [f"{forward_gflops(model, variables, (args.batch, h, w, channels)):.1f}" for h, w in flop_sizes]
-        if not args.no_timing:
-            fwd, step = time_model(model, variables, (args.batch, *time_size, channels), args.repeats)
-            if name == args.reference:
+        row += [f"{forward_gflops(model, variables, (batch, h, w, channels)):.1f}" for h, w in flop_sizes]
+        if timing:
+            fwd, step = time_model(model, variables, (batch, *time_size, channels), _REPEATS.value)
+            if name == reference:
                 reference_times = (fwd, step)
             row += [f"{1e3 * fwd:.0f}", f"{1e3 * step:.0f}",
                     f"{fwd / reference_times[0]:.2f}", f"{step / reference_times[1]:.2f}"]
@@ -136,4 +138,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

@@ -13,7 +13,6 @@ carry no layer name), so speed work can start from the biggest cost rather than 
 
 from __future__ import annotations
 
-import argparse
 import collections
 import pathlib
 import re
@@ -24,9 +23,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import app, flags, logging
 
 from neuroseg_jax.models import create_model
 from neuroseg_jax.train import reuse_freed_host_memory
+
+_MODEL = flags.DEFINE_string("model", "imsahlo", "registry model name")
+_WIDTH = flags.DEFINE_integer("width", 32, "model base width")
+_SIZE = flags.DEFINE_string("size", "256x384", "HxW")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 2, "images per step")
+_TOP = flags.DEFINE_integer("top", 12, "slowest ops listed per group")
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ([\w\-]+)\((.*)$", re.M)
 _COMPUTATION = re.compile(r"^%?([\w.\-]+) .*?\{\n(.*?)\n\}", re.M | re.S)
@@ -62,20 +68,17 @@ def op_kind(opcode: str, body: str, line: str) -> str:
     return "elementwise"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="imsahlo")
-    parser.add_argument("--width", type=int, default=32)
-    parser.add_argument("--size", default="256x384", help="HxW")
-    parser.add_argument("--batch_size", type=int, default=2)
-    parser.add_argument("--top", type=int, default=12, help="slowest ops listed per group")
-    args = parser.parse_args()
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # absl's INFO default would mix libraries' notes into the table
     reuse_freed_host_memory()  # as launch/train.py does, so page faults do not inflate the op times
-    height, width = (int(v) for v in args.size.split("x"))
-    model = create_model(args.model, num_classes=1, width=args.width)
+    batch_size = _BATCH_SIZE.value
+    height, width = (int(v) for v in _SIZE.value.split("x"))
+    model = create_model(_MODEL.value, num_classes=1, width=_WIDTH.value)
     rng = np.random.default_rng(0)
-    images = jnp.asarray(rng.random((args.batch_size, height, width, 1), dtype=np.float32))
-    labels = jnp.asarray((rng.random((args.batch_size, height, width, 1)) > 0.5).astype(np.float32))
+    images = jnp.asarray(rng.random((batch_size, height, width, 1), dtype=np.float32))
+    labels = jnp.asarray((rng.random((batch_size, height, width, 1)) > 0.5).astype(np.float32))
     params = model.init(jax.random.key(0), images[:1])["params"]
 
     def loss(params):
@@ -113,15 +116,15 @@ def main() -> None:
             (milliseconds, shape, kind, origins[-1] if origins else "")
         )
     total = sum(by_kind.values())
-    print(f"{args.model} width {args.width}, {args.batch_size}x{height}x{width}: step {seconds:.2f} s wall, "
+    print(f"{_MODEL.value} width {_WIDTH.value}, {batch_size}x{height}x{width}: step {seconds:.2f} s wall, "
           f"{total / 1e3:.2f} s of op time summed over XLA's threads")
     for kind, milliseconds in by_kind.most_common():
         print(f"  {kind:24s} {milliseconds:9.1f} ms {100 * milliseconds / total:5.1f}%")
     for group in ("convolution", "other"):
         print(f"slowest {group} ops:")
-        for milliseconds, shape, kind, origin in sorted(listed[group], reverse=True)[: args.top]:
+        for milliseconds, shape, kind, origin in sorted(listed[group], reverse=True)[: _TOP.value]:
             print(f"  {milliseconds:8.1f} ms  {kind:22s} {shape:24s} {origin[-90:]}")
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

@@ -8,7 +8,7 @@ took away during the steps):
   jax-lax      the benchmark U-Net with plain `lax.conv_general_dilated` (XLA's own gradients)
   jax-conv2d   the same U-Net with this codebase's layers: `models.conv.conv2d` (fast CPU kernel
                gradient), `layers.GroupNorm` and `layers.max_pool2x`
-  torch        the equivalent PyTorch network (optional dependency: `pip install torch==2.13.0`)
+  torch        the equivalent PyTorch network (optional dependency: `pip install -e '.[bench]'`)
   unet, imsahlo          `neuroseg_jax.models.create_model(name)` as used by training (conv2d)
   unet-lax, imsahlo-lax  the same models with `layers.conv2d` swapped for plain lax convolution
   torch-imsahlo          the PyTorch twin of imsahlo (`torch_models.TorchIMSAHLO`)
@@ -54,7 +54,6 @@ channels_last re-measures.
 
 from __future__ import annotations
 
-import argparse
 import os
 import resource
 import statistics
@@ -68,6 +67,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import app, flags, logging
 from jax import lax
 
 from neuroseg_jax.models import conv as conv_module
@@ -95,6 +95,27 @@ FLOP_SOURCES = {
     "imsahlo": ("imsahlo-lax",),
     "torch-imsahlo": ("imsahlo-lax", "imsahlo"),
 }
+
+_SIZE = flags.DEFINE_string("size", "512x768", "HxW, multiples of 16")
+_BATCH = flags.DEFINE_integer("batch", 2, "images per step")
+_STEPS = flags.DEFINE_integer("steps", 5, "timed steps per variant (median)")
+_WARMUP = flags.DEFINE_integer(
+    "warmup", 2,
+    "untimed steps per variant first: IMSAHLO's second step still ran 1.5-2x slower than the "
+    "later ones (its temporaries' fresh pages)")
+_THREADS = flags.DEFINE_integer(
+    "threads", len(os.sched_getaffinity(0)),
+    "torch threads (default: the CPUs this process may use, the size of XLA's CPU thread pool)")
+_TORCH_LAYOUT = flags.DEFINE_enum(
+    "torch-layout", "contiguous", ["channels_last", "contiguous"],
+    "memory format of the PyTorch twins (channels_last measured no faster, see above)")
+_HOST_MEMORY = flags.DEFINE_enum(
+    "host-memory", "reuse", ["reuse", "default"],
+    "reuse: freed memory stays in the process for the next step, as launch/*.py set it "
+    "(train.reuse_freed_host_memory: glibc settings shared by both frameworks, JAX's CPU steps run "
+    "inline); default: glibc's defaults, under which every step's large temporaries are fresh pages")
+_VARIANTS = flags.DEFINE_string("variants", "jax-lax,jax-conv2d,torch", f"comma list of {ALL_VARIANTS}")
+_CHECK = flags.DEFINE_bool("check", False, "only check torch-imsahlo against JAX imsahlo")
 
 
 def lax_conv2d(
@@ -314,17 +335,15 @@ def torch_step_runner(
 
 
 def build_variant(
-    name: str, images: np.ndarray, labels: np.ndarray, args: argparse.Namespace
+    name: str, images: np.ndarray, labels: np.ndarray, *, torch_threads: int, channels_last: bool
 ):
     """Returns (run, flops or None, n_params) for variant `name`."""
     if name.startswith("torch"):
         import torch
 
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(torch_threads)
         twin = build_torch_twin(name, images.shape[-1])
-        run, n_params = torch_step_runner(
-            twin, images, labels, args.torch_layout == "channels_last"
-        )
+        run, n_params = torch_step_runner(twin, images, labels, channels_last)
         jax_twin = BenchUNet(lax_conv2d) if name == "torch" else registry_model("imsahlo")
         shapes = jax.eval_shape(jax_twin.init, jax.random.PRNGKey(0), images[:1])
         jax_params = parameter_count(shapes["params"])
@@ -421,74 +440,33 @@ def check_imsahlo_twin(height: int = 64, width: int = 96) -> None:
         raise SystemExit("torch-imsahlo does not match JAX imsahlo")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--size", default="512x768", help="HxW, multiples of 16")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument(
-        "--steps", type=int, default=5, help="timed steps per variant (median)"
-    )
-    parser.add_argument(
-        "--warmup",
-        type=int,
-        default=2,
-        help="untimed steps per variant first: IMSAHLO's second step still ran 1.5-2x slower than the "
-        "later ones (its temporaries' fresh pages)",
-    )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=len(os.sched_getaffinity(0)),
-        help="torch threads (default: the CPUs this process may use, the size of XLA's CPU thread pool)",
-    )
-    parser.add_argument(
-        "--torch-layout",
-        choices=("channels_last", "contiguous"),
-        default="contiguous",
-        help="memory format of the PyTorch twins (channels_last measured no faster, see above)",
-    )
-    parser.add_argument(
-        "--host-memory",
-        choices=("reuse", "default"),
-        default="reuse",
-        help="reuse: freed memory stays in the process for the next step, as launch/*.py set it "
-        "(train.reuse_freed_host_memory: glibc settings shared by both frameworks, JAX's CPU steps run "
-        "inline); default: glibc's defaults, under which every step's large temporaries are fresh pages",
-    )
-    parser.add_argument(
-        "--variants",
-        default="jax-lax,jax-conv2d,torch",
-        help=f"comma list of {ALL_VARIANTS}",
-    )
-    parser.add_argument(
-        "--check",
-        action="store_true",
-        help="only check torch-imsahlo against JAX imsahlo",
-    )
-    args = parser.parse_args()
-    if args.host_memory == "reuse":
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # absl's INFO default would mix libraries' notes into the table
+    if _HOST_MEMORY.value == "reuse":
         reuse_freed_host_memory()  # before JAX's first computation
-    if args.check:
+    if _CHECK.value:
         check_imsahlo_twin()
         return
     load_before = os.getloadavg()[0]
-    height, width = (int(v) for v in args.size.lower().split("x"))
-    names = [n for n in args.variants.split(",") if n]
+    batch, steps, warmup = _BATCH.value, _STEPS.value, _WARMUP.value
+    height, width = (int(v) for v in _SIZE.value.lower().split("x"))
+    names = [n for n in _VARIANTS.value.split(",") if n]
     unknown = sorted(set(names) - set(ALL_VARIANTS))
     if unknown:
         raise ValueError(f"unknown --variants {unknown}; known: {ALL_VARIANTS}")
 
     rng = np.random.default_rng(0)
-    images = rng.random((args.batch, height, width, 1), dtype=np.float32)
-    labels = (rng.random((args.batch, height, width)) > 0.7).astype(np.float32)
+    images = rng.random((batch, height, width, 1), dtype=np.float32)
+    labels = (rng.random((batch, height, width)) > 0.7).astype(np.float32)
 
     runners, flops, params = {}, {}, {}
     for name in names:
         try:
             runners[name], flops[name], params[name] = build_variant(
-                name, images, labels, args
+                name, images, labels, torch_threads=_THREADS.value,
+                channels_last=_TORCH_LAYOUT.value == "channels_last"
             )
         except ImportError as error:
             print(f"skipping {name}: {error}")
@@ -499,7 +477,7 @@ def main() -> None:
     peaks: dict[str, float] = {name: 0.0 for name in runners}
     step_growth: dict[str, float] = {name: 0.0 for name in runners}
     jiffies_before = cpu_jiffies()
-    for round_index in range(args.warmup + args.steps):
+    for round_index in range(warmup + steps):
         for name, run in runners.items():
             peak.reset()
             resident_before = peak.read_mib("VmRSS")
@@ -508,7 +486,7 @@ def main() -> None:
             elapsed = time.perf_counter() - start
             peaks[name] = max(peaks[name], peak.read_mib())
             step_growth[name] = max(step_growth[name], peaks[name] - resident_before)
-            if round_index >= args.warmup:
+            if round_index >= warmup:
                 times[name].append(elapsed)
             print(f"round {round_index} {name}: {elapsed:.3f} s", flush=True)
 
@@ -534,11 +512,11 @@ def main() -> None:
         return twin[name] if twin.get(name) in medians else next(iter(medians))
 
     print(
-        f"\ntrain step {args.batch}x{height}x{width}, median of {args.steps} steps after {args.warmup} untimed; "
+        f"\ntrain step {batch}x{height}x{width}, median of {steps} steps after {warmup} untimed; "
         f"1-minute load average before the run: {load_before:.1f}, CPU time stolen by the "
         f"hypervisor during the steps: {100 * jiffies[7] / sum(jiffies):.0f}%; "
-        f"XLA threads: {len(os.sched_getaffinity(0))}, torch threads: {args.threads} ({args.torch_layout}); "
-        f"host memory: {args.host_memory}; "
+        f"XLA threads: {len(os.sched_getaffinity(0))}, torch threads: {_THREADS.value} ({_TORCH_LAYOUT.value}); "
+        f"host memory: {_HOST_MEMORY.value}; "
         f"RSS: process peak {'during the variant' if peak.resettable else 'over the run'}, "
         f"and its growth over the resident size before the step (the step's temporaries)"
     )
@@ -556,4 +534,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

@@ -10,20 +10,16 @@ or the device's peak bytes in use (GPU), both since the process started. Host me
 launch/train.py's policy (`train.reuse_freed_host_memory`). The first row is the reference for the ratio column.
 """
 
-import importlib
 import pathlib
-import resource
-import statistics
 import sys
-import time
 
 import jax
 from absl import app, flags
 
-from neuroseg_jax import data
-from neuroseg_jax.train import loop, reuse_freed_host_memory, sharding
+from neuroseg_jax.train import reuse_freed_host_memory
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs/ is not in the package
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from step_timing import load_config, measure_train_step  # noqa: E402  (benchmarks/ is not a package)
 
 _CONFIGS = flags.DEFINE_list("configs", ["imsahlo", "morphoseg:data=synthetic"],
                              "configs/NAME.py arguments, 'NAME:ARGS' each.")
@@ -34,59 +30,9 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Device peak TFLOP/s for model FLOP utilisation (0: skip).")
 
 
-def _peak_memory_mib() -> float:
-    stats = jax.devices()[0].memory_stats() or {}
-    if "peak_bytes_in_use" in stats:
-        return stats["peak_bytes_in_use"] / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def load_config(spec: str):
-    """configs/NAME.py's config for 'NAME' or 'NAME:ARGS'."""
-    name, _, arg = spec.partition(":")
-    return importlib.import_module(f"configs.{name}").get_config(arg or None)
-
-
-def step_flops(config, trainer, host_batch) -> float:
-    """XLA's FLOP count of the train step as lowered for the host CPU, whatever the device: a GPU
-    executable's count leaves out the convolutions and matrix products handed to cuDNN and cuBLAS."""
-    if jax.devices()[0].platform != "cpu":
-        trainer = loop.build_trainer(config, devices=jax.devices("cpu")[:1])
-    batch = sharding.global_batch(host_batch, trainer.mesh)
-    cost = trainer.train_step.lower(trainer.state, batch, trainer.step_rng).cost_analysis()
-    return float((cost or {}).get("flops", float("nan")))
-
-
-def measure_train_step(config, batch_size: int, steps: int) -> dict:
-    """Median seconds of ``config``'s train step over ``steps`` steps after a warm-up (compile) step,
-    on synthetic images of the config's crop size (same shapes as its real data)."""
-    config.train.batch_size = batch_size
-    config.data.source = "synthetic"
-    config.data.synthetic.num_images = max(4 * batch_size, 8)
-    config.data.synthetic.image_size = tuple(config.data.crop_size)
-    config.data.patches.enabled = False
-    trainer = loop.build_trainer(config)
-    batches = iter(data.make_loader(config.data, "train", batch_size=batch_size, seed=0))
-    host_batch = next(batches)
-    flops = step_flops(config, trainer, host_batch)
-    batch = sharding.global_batch(host_batch, trainer.mesh)
-    state, metrics = trainer.train_step(trainer.state, batch, trainer.step_rng)
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(steps):
-        batch = sharding.global_batch(next(batches), trainer.mesh)
-        start = time.perf_counter()
-        state, metrics = trainer.train_step(state, batch, trainer.step_rng)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
-    return {"size": "x".join(map(str, config.data.crop_size)), "s_per_step": seconds,
-            "images_per_s": batch_size / seconds, "gflop_per_step": flops / 1e9,
-            "gflop_per_s": flops / 1e9 / seconds, "peak_mib": _peak_memory_mib()}
-
-
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     reuse_freed_host_memory()  # as launch/train.py does
     rows = []
     for spec in _CONFIGS.value:

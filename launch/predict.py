@@ -12,11 +12,11 @@ from absl import app, flags, logging
 from neuroseg_jax.train import reuse_freed_host_memory
 from neuroseg_jax.train.predictor import predict_run
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training run folder.", required=True)
+import trained_run_flags  # launch/ is not a package; a script's own folder is on sys.path
+
+flags.adopt_module_key_flags(trained_run_flags)
 _INPUT = flags.DEFINE_multi_string("input", None, "Image file, folder or glob (repeatable).", required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "Output folder.", required=True)
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
-_TTA = flags.DEFINE_integer("tta", 0, "Test-time augmentations (IMSAHLO: 5; <= 1: none).")
 
 
 def main(argv):
@@ -24,8 +24,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     reuse_freed_host_memory()
     logging.set_verbosity(logging.ERROR)  # orbax warns about every read-only checkpoint it opens
-    summary = predict_run(_WORKDIR.value, _INPUT.value, _OUTPUT.value, checkpoint=_CHECKPOINT.value,
-                          tta_n=_TTA.value)
+    summary = predict_run(trained_run_flags.WORKDIR.value, _INPUT.value, _OUTPUT.value,
+                          checkpoint=trained_run_flags.CHECKPOINT.value, tta_n=trained_run_flags.TTA.value)
     print(json.dumps({"processed": len(summary["processed"]), "failed": summary["failed"],
                       "output_dir": str(summary["output_dir"])}, indent=2, default=str))
     if summary["failed"]:

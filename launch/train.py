@@ -14,6 +14,7 @@ from neuroseg_jax.train import distributed, reuse_freed_host_memory, train_and_e
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/imsahlo.py:quick.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics, plots.", required=True)
 distributed.define_flags()
+flags.adopt_module_key_flags(distributed)  # so --help lists the multi-host flags
 
 
 def main(argv):
