@@ -4,7 +4,7 @@ Runs forward + backward of a registry model (sigmoid BCE, one output channel) on
 timed, and once under `jax.profiler`; then sums the profiled duration of every executed HLO op
 (fusions included) by the kind of work inside it: convolution, dot, reduce, gather/scatter,
 copy/transpose/concat, elementwise. Lists the slowest convolutions and other ops with their output
-shape and the model layer they come from (the kernel gradients of `models/conv.py`'s custom VJP
+shape and the model layer they come from (the kernel gradients of `ops/conv.py`'s custom VJP
 carry no layer name), so speed work can start from the biggest cost rather than a guess.
 
     python benchmarks/profile_step.py --model imsahlo --size 256x384
@@ -26,7 +26,7 @@ import optax
 from absl import app, flags, logging
 
 from neuroseg_jax.models import create_model
-from neuroseg_jax.train import reuse_freed_host_memory
+from neuroseg_jax.ops import reuse_freed_host_memory
 
 _MODEL = flags.DEFINE_string("model", "imsahlo", "registry model name")
 _WIDTH = flags.DEFINE_integer("width", 32, "model base width")

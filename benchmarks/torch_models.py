@@ -179,7 +179,7 @@ class DecoderLevel(nn.Module):
         self.block = MultiScaleDenseBlock(2 * features, features, dilations)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        # align_corners=False is the half-pixel, edge-clamped interpolation of layers.upsample2x.
+        # align_corners=False is the half-pixel, edge-clamped interpolation of ops.upsample2x.
         upsampled = F.interpolate(
             x, scale_factor=2, mode="bilinear", align_corners=False
         )

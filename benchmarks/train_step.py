@@ -6,11 +6,11 @@ processes PyTorch's OpenMP threads slowed 7x where XLA's pool slowed 1.5x, IMSAH
 the header prints the load average from before the run and the share of CPU time the hypervisor
 took away during the steps):
   jax-lax      the benchmark U-Net with plain `lax.conv_general_dilated` (XLA's own gradients)
-  jax-conv2d   the same U-Net with this codebase's layers: `models.conv.conv2d` (fast CPU kernel
+  jax-conv2d   the same U-Net with this codebase's layers: `ops.conv2d` (fast CPU kernel
                gradient), `layers.GroupNorm` and `layers.max_pool2x`
   torch        the equivalent PyTorch network (optional dependency: `pip install -e '.[bench]'`)
   unet, imsahlo          `neuroseg_jax.models.create_model(name)` as used by training (conv2d)
-  unet-lax, imsahlo-lax  the same models with `layers.conv2d` swapped for plain lax convolution
+  unet-lax, imsahlo-lax  the same models built with conv='lax' (plain lax convolution)
   torch-imsahlo          the PyTorch twin of imsahlo (`torch_models.TorchIMSAHLO`)
 
 Benchmark U-Net: 4 levels of [conv3x3 -> GroupNorm(8) -> ReLU] x 2 with 32, 64, 128, 256
@@ -70,9 +70,8 @@ import optax
 from absl import app, flags, logging
 from jax import lax
 
-from neuroseg_jax.models import conv as conv_module
 from neuroseg_jax.models import layers
-from neuroseg_jax.train import reuse_freed_host_memory
+from neuroseg_jax.ops import conv2d, reuse_freed_host_memory
 
 LEVEL_CHANNELS = (32, 64, 128, 256)
 NORM_GROUPS = 8
@@ -293,11 +292,12 @@ def jax_step_runner(
     return run, xla_flops(compiled.cost_analysis()), n_params
 
 
-def registry_model(name: str) -> nn.Module:
-    """`create_model(name)` as the benchmark configures it: one output channel, float32."""
+def registry_model(name: str, conv: str = "auto") -> nn.Module:
+    """`create_model(name)` as the benchmark configures it: one output channel, float32, the
+    convolution implementation `conv`."""
     from neuroseg_jax.models import create_model
 
-    return create_model(name, num_classes=1)
+    return create_model(name, num_classes=1, conv=conv)
 
 
 def build_torch_twin(name: str, in_channels: int) -> Any:
@@ -354,19 +354,13 @@ def build_variant(
 
 
 def with_jax_variant(name: str, use: Callable[[nn.Module, dict], Any]) -> Any:
-    """use(model, apply_kwargs) for JAX variant `name`, with the variant's convolution in place while
-    `use` traces the model."""
+    """use(model, apply_kwargs) for JAX variant `name`, the model built with the variant's convolution."""
     if name == "jax-lax":
         return use(BenchUNet(lax_conv2d), {})
     if name == "jax-conv2d":
-        return use(BenchUNet(conv_module.conv2d, codebase_layers=True), {})
+        return use(BenchUNet(conv2d, codebase_layers=True), {})
     model_name, _, baseline = name.partition("-")
-    original = layers.conv2d
-    layers.conv2d = lax_conv2d if baseline else conv_module.conv2d
-    try:
-        return use(registry_model(model_name), {"train": True})
-    finally:
-        layers.conv2d = original
+    return use(registry_model(model_name, conv="lax" if baseline else "auto"), {"train": True})
 
 
 def lowered_flops(name: str, images: np.ndarray, labels: np.ndarray) -> float:

@@ -16,7 +16,7 @@ import sys
 import jax
 from absl import app, flags
 
-from neuroseg_jax.train import reuse_freed_host_memory
+from neuroseg_jax.ops import reuse_freed_host_memory
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from step_timing import load_config, measure_train_step  # noqa: E402  (benchmarks/ is not a package)

@@ -9,7 +9,8 @@ address, process count and id from the cluster environment or from ``--coordinat
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from neuroseg_jax.train import distributed, reuse_freed_host_memory, train_and_evaluate
+from neuroseg_jax.ops import reuse_freed_host_memory
+from neuroseg_jax.train import distributed, train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/imsahlo.py:quick.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics, plots.", required=True)

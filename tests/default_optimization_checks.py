@@ -17,7 +17,8 @@ import numpy as np
 from jax import lax
 
 from neuroseg_jax import losses
-from neuroseg_jax.models import conv, conv_ffi, layers
+from neuroseg_jax.models import layers
+from neuroseg_jax.ops import conv, conv_ffi, guarded_max, max_pool2x
 from test_losses import _reference_skeleton  # tests/ is this script's directory
 
 RNG = np.random.default_rng(0)
@@ -55,11 +56,11 @@ def max_pool_checks() -> None:
     def reference(v):
         return nn.max_pool(v, (2, 2), strides=(2, 2))
 
-    check("max_pool2x", layers.max_pool2x, reference, normal(2, 8, 12, 3))
+    check("max_pool2x", max_pool2x, reference, normal(2, 8, 12, 3))
     # All 16 patterns of maxima among {0, 1} in 2x2 windows: ties go to the first maximum.
     patterns = np.array([[(code >> bit) & 1 for bit in range(4)] for code in range(16)], np.float32)
     ties = jnp.asarray(patterns.reshape(4, 4, 2, 2).transpose(0, 2, 1, 3).reshape(1, 8, 8, 1))
-    check("max_pool2x with ties", layers.max_pool2x, reference, ties)
+    check("max_pool2x with ties", max_pool2x, reference, ties)
 
 
 def guarded_max_checks() -> None:
@@ -67,7 +68,7 @@ def guarded_max_checks() -> None:
     for axis in ((1, 2), -1):
         check(
             f"guarded_max over {axis}",
-            lambda v, axis=axis: layers.guarded_max(v, axis),
+            lambda v, axis=axis: guarded_max(v, axis),
             lambda v, axis=axis: jnp.max(v, axis, keepdims=True),
             ties,
         )

@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from neuroseg_jax.models import conv, conv_ffi
-from neuroseg_jax.models.conv import conv2d
+from neuroseg_jax.ops import conv, conv_ffi
+from neuroseg_jax.ops import conv2d
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_COMPILER = conv_ffi.find_compiler() is not None
@@ -208,7 +208,8 @@ def test_small_maps_keep_xla_kernel_gradient(monkeypatch):
 
 
 def test_native_kernel_gradient_branch_matches():
-    """The non-CPU branch of `lax.platform_dependent` (XLA's own kernel gradient), run on CPU."""
+    """XLA's own kernel gradient (the CPU's choice on small maps without the handler) against the
+    matrix-product form."""
     x, kernel = random_pair((2, 7, 6, 3), (3, 3, 3, 4))
     grad = jnp.cos(plain_conv(x, kernel, (2, 1), ((1, 1), (0, 2)), (1, 2), 1))
     common = dict(strides=(2, 1), pads=((1, 1), (0, 2)), dilation=(1, 2))
@@ -292,8 +293,8 @@ SHARDED_SCRIPT = textwrap.dedent(
     import jax, jax.numpy as jnp, numpy as np
     from jax import lax
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from neuroseg_jax.models import conv
-    from neuroseg_jax.models.conv import conv2d
+    from neuroseg_jax.ops import conv
+    from neuroseg_jax.ops import conv2d
 
     available, default_chunk = conv._ffi_available, conv.CHUNK_POSITIONS
 
@@ -358,7 +359,7 @@ BUILD_SCRIPT = textwrap.dedent(
     import json, warnings
     import jax, jax.numpy as jnp, numpy as np
     from jax import lax
-    from neuroseg_jax.models import conv, conv_ffi
+    from neuroseg_jax.ops import conv, conv_ffi
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from neuroseg_jax.train.host_memory import uses_glibc
+from neuroseg_jax.ops import uses_glibc
 
 glibc_only = pytest.mark.skipif(not uses_glibc(), reason="the policy sets glibc malloc parameters")
 
@@ -15,7 +15,7 @@ glibc_only = pytest.mark.skipif(not uses_glibc(), reason="the policy sets glibc 
 _PROBE = """
 import resource, sys
 if sys.argv[1] == "reuse":
-    from neuroseg_jax.train import reuse_freed_host_memory
+    from neuroseg_jax.ops import reuse_freed_host_memory
     assert reuse_freed_host_memory()
 import jax, jax.numpy as jnp
 step = jax.jit(lambda x, w: jnp.sum((x @ w) @ w.T))

@@ -12,6 +12,7 @@ import pytest
 from flax import traverse_util
 from jax.sharding import PartitionSpec
 
+from neuroseg_jax import ops
 from neuroseg_jax.models import (
     MODELS,
     create_model,
@@ -179,7 +180,7 @@ def test_weight_standardised_conv_ignores_kernel_scale():
 
 def test_upsample2x_equals_bilinear_resize():
     x = jax.random.normal(jax.random.key(0), (2, 5, 7, 3))
-    np.testing.assert_allclose(layers.upsample2x(x), layers.resize_to(x, (10, 14)), atol=1e-5)
+    np.testing.assert_allclose(ops.upsample2x(x), ops.resize_to(x, (10, 14)), atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 12, 3), (1, 7, 9, 2)])
@@ -189,9 +190,9 @@ def test_max_pool2x_equals_flax_max_pool_in_value_and_gradient(shape):
     def reference(v):
         return nn.max_pool(v, (2, 2), strides=(2, 2))
 
-    np.testing.assert_array_equal(layers.max_pool2x(x), reference(x))
+    np.testing.assert_array_equal(ops.max_pool2x(x), reference(x))
     weights = jax.random.normal(jax.random.key(2), reference(x).shape)
-    ours = jax.jit(jax.grad(lambda v: jnp.sum(layers.max_pool2x(v) * weights)))(x)
+    ours = jax.jit(jax.grad(lambda v: jnp.sum(ops.max_pool2x(v) * weights)))(x)
     theirs = jax.grad(lambda v: jnp.sum(reference(v) * weights))(x)
     np.testing.assert_array_equal(ours, theirs)
 
@@ -201,9 +202,9 @@ def test_max_pool2x_gives_ties_gradient_to_the_first_maximum():
     patterns = np.array([[(code >> bit) & 1 for bit in range(4)] for code in range(16)], np.float32)
     x = jnp.asarray(patterns.reshape(4, 4, 2, 2).transpose(0, 2, 1, 3).reshape(1, 8, 8, 1))
     weights = jnp.arange(1.0, 17.0).reshape(1, 4, 4, 1)
-    ours = jax.grad(lambda v: jnp.sum(layers.max_pool2x(v) * weights))(x)
+    ours = jax.grad(lambda v: jnp.sum(ops.max_pool2x(v) * weights))(x)
     theirs = jax.grad(lambda v: jnp.sum(nn.max_pool(v, (2, 2), strides=(2, 2)) * weights))(x)
-    np.testing.assert_array_equal(layers.max_pool2x(x), nn.max_pool(x, (2, 2), strides=(2, 2)))
+    np.testing.assert_array_equal(ops.max_pool2x(x), nn.max_pool(x, (2, 2), strides=(2, 2)))
     np.testing.assert_array_equal(ours, theirs)
     assert float(jnp.sum(ours)) == float(jnp.sum(weights))  # each window's cotangent lands once
 
@@ -233,8 +234,8 @@ def test_guarded_max_matches_jnp_max_with_ties():
     x = jnp.array([[[[1.0, 3.0], [3.0, 0.0]], [[2.0, -1.0], [3.0, 3.0]]]])  # (1, 2, 2, 2), with ties
     weights = jnp.array([2.0, -1.0])
     for axis in ((1, 2), -1):
-        np.testing.assert_array_equal(layers.guarded_max(x, axis), jnp.max(x, axis, keepdims=True))
-        ours = jax.jit(jax.grad(lambda v: jnp.sum(layers.guarded_max(v, axis) * weights)))(x)
+        np.testing.assert_array_equal(ops.guarded_max(x, axis), jnp.max(x, axis, keepdims=True))
+        ours = jax.jit(jax.grad(lambda v: jnp.sum(ops.guarded_max(v, axis) * weights)))(x)
         theirs = jax.grad(lambda v: jnp.sum(jnp.max(v, axis, keepdims=True) * weights))(x)
         np.testing.assert_allclose(ours, theirs, rtol=1e-6)
 

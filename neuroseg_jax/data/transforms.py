@@ -18,18 +18,12 @@ import cv2
 import grain.python as grain
 import numpy as np
 
+from neuroseg_jax._validation import pair as _pair
 from neuroseg_jax.data.weight_maps import check_touching_cells, touching_cells_weights
 
 Element = dict[str, np.ndarray]
 # Per-pixel labels that geometric transforms move like the image.
 LABEL_KEYS = ("mask", "instances")
-
-
-def _pair(size: Sequence[int] | int) -> tuple[int, int]:
-    if isinstance(size, int):
-        return size, size
-    height, width = (int(v) for v in size)
-    return height, width
 
 
 def _with(element: Element, image: np.ndarray, move_labels: Callable[[np.ndarray], np.ndarray]) -> Element:

@@ -17,15 +17,10 @@ from typing import Callable
 
 import numpy as np
 
+from neuroseg_jax._validation import pair as _pair
+
 PredictFn = Callable[[np.ndarray], np.ndarray]
 BLENDS = ("constant", "gaussian")
-
-
-def _pair(value, name: str) -> tuple[int, int]:
-    pair = (int(value), int(value)) if np.isscalar(value) else tuple(int(v) for v in value)
-    if len(pair) != 2:
-        raise ValueError(f"{name} must be an int or a pair (h, w), got {value!r}")
-    return pair
 
 
 def window_starts(length: int, window: int, stride: int) -> list[int]:

@@ -20,16 +20,17 @@ from neuroseg_jax.models.layers import (
     ConvNormAct,
     ResidualBlock,
     check_spatial_size,
-    resize_to,
     segmentation_output,
     width_at,
 )
+from neuroseg_jax.ops import resize_to
 
 
 class DeepLabV3Plus(nn.Module):
     """images (B, H, W, C), H and W divisible by 16 -> logits (B, H, W, num_classes).
 
-    Features returned on request are the decoder output resized to (B, H, W, 4 * width).
+    Features returned on request are the decoder output resized to (B, H, W, 4 * width). `conv`: the
+    convolution implementation ('auto' or 'lax', see `neuroseg_jax.ops.conv2d`).
     """
 
     num_classes: int = 1
@@ -39,12 +40,13 @@ class DeepLabV3Plus(nn.Module):
     rates: Sequence[int] = (6, 12, 18)
     dropout_rate: float = 0.1
     dtype: Any = jnp.float32
+    conv: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False, return_features: bool = False):
         check_spatial_size(x, 16, "deeplabv3plus")
         input_size = x.shape[1:3]
-        block = dict(norm=self.norm, act=self.act, dtype=self.dtype)
+        block = dict(norm=self.norm, act=self.act, dtype=self.dtype, conv=self.conv)
         y = ConvNormAct(self.width, 3, strides=2, **block)(x.astype(self.dtype), train=train)
         y = ResidualBlock(self.width, **block)(y, train=train)
         low_level = ResidualBlock(width_at(self.width, 1), strides=2, **block)(y, train=train)
@@ -58,4 +60,4 @@ class DeepLabV3Plus(nn.Module):
         y = jnp.concatenate([y, low_level], axis=-1)
         y = ConvNormAct(width_at(self.width, 2), 3, **block)(y, train=train)
         y = ConvNormAct(width_at(self.width, 2), 3, **block)(y, train=train)
-        return segmentation_output(resize_to(y, input_size), self.num_classes, return_features)
+        return segmentation_output(resize_to(y, input_size), self.num_classes, return_features, conv=self.conv)

@@ -27,11 +27,10 @@ from neuroseg_jax.models.layers import (
     ResidualBlock,
     SpatialDropout,
     check_spatial_size,
-    max_pool2x,
     segmentation_output,
-    upsample2x,
     width_at,
 )
+from neuroseg_jax.ops import max_pool2x, upsample2x
 
 BLOCKS = ("residual", "msdb")
 
@@ -39,7 +38,8 @@ BLOCKS = ("residual", "msdb")
 class IMSAHLO(nn.Module):
     """images (B, H, W, C), H and W divisible by 2**depth -> logits (B, H, W, num_classes).
 
-    With return_features=True also returns the last decoder features (B, H, W, width).
+    With return_features=True also returns the last decoder features (B, H, W, width). `conv`: the
+    convolution implementation ('auto' or 'lax', see `neuroseg_jax.ops.conv2d`).
     """
 
     num_classes: int = 1
@@ -53,14 +53,14 @@ class IMSAHLO(nn.Module):
     dilations: Sequence[int] = (1, 2, 4)
     dropout_rate: float = 0.1
     dtype: Any = jnp.float32
+    conv: str = "auto"
 
     def _block(self, features: int) -> nn.Module:
+        common = dict(norm=self.norm, act=self.act, se=self.se, dtype=self.dtype, conv=self.conv)
         if self.block == "residual":
-            return ResidualBlock(features, norm=self.norm, act=self.act, se=self.se, dtype=self.dtype)
+            return ResidualBlock(features, **common)
         if self.block == "msdb":
-            return MultiScaleDenseBlock(
-                features, dilations=tuple(self.dilations), norm=self.norm, act=self.act, se=self.se, dtype=self.dtype
-            )
+            return MultiScaleDenseBlock(features, dilations=tuple(self.dilations), **common)
         raise ValueError(f"unknown IMSAHLO block {self.block!r}; known: {list(BLOCKS)}")
 
     @nn.compact
@@ -74,11 +74,15 @@ class IMSAHLO(nn.Module):
             x = max_pool2x(x)
         x = self._block(width_at(self.width, self.depth))(x, train=train)
         if self.attention:
-            x = HierarchicalAttention(dtype=self.dtype)(x)
+            x = HierarchicalAttention(dtype=self.dtype, conv=self.conv)(x)
         x = SpatialDropout(self.dropout_rate)(x, train=train)
         for level in reversed(range(self.depth)):
             features = width_at(self.width, level)
-            x = ConvNormAct(features, 3, norm=self.norm, act=self.act, dtype=self.dtype)(upsample2x(x), train=train)
-            skip = HierarchicalAttention(dtype=self.dtype)(skips[level]) if self.attention else skips[level]
+            x = ConvNormAct(features, 3, norm=self.norm, act=self.act, dtype=self.dtype, conv=self.conv)(
+                upsample2x(x), train=train
+            )
+            skip = skips[level]
+            if self.attention:
+                skip = HierarchicalAttention(dtype=self.dtype, conv=self.conv)(skip)
             x = self._block(features)(jnp.concatenate([x, skip], axis=-1), train=train)
-        return segmentation_output(x, self.num_classes, return_features)
+        return segmentation_output(x, self.num_classes, return_features, conv=self.conv)

@@ -2,7 +2,8 @@
 
 `create_model(name, **kwargs)` builds the module; kwargs override the variant defaults and must be
 fields of the module class (unknown names raise ValueError naming them). Lists become tuples so
-configs from ml_collections produce hashable module fields.
+configs from ml_collections produce hashable module fields. Every model takes `conv`, the
+convolution implementation of `neuroseg_jax.ops.conv2d` ('auto' or 'lax').
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from neuroseg_jax.models.imsahlo import IMSAHLO
 from neuroseg_jax.models.transunet import TransUNet
 from neuroseg_jax.models.unet import UNet
 from neuroseg_jax.models.unetpp import UNetPlusPlus
+from neuroseg_jax.ops import CONV_IMPLEMENTATIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,11 +109,13 @@ def model_kwargs(name: str, **kwargs: Any) -> dict[str, Any]:
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
         raise ValueError(f"model {name!r} got unknown argument(s) {unknown}; accepted: {allowed}")
+    if kwargs.get("conv", "auto") not in CONV_IMPLEMENTATIONS:
+        raise ValueError(f"model {name!r}: conv={kwargs['conv']!r}; use one of {CONV_IMPLEMENTATIONS}")
     return {**entry.defaults, **{key: _freeze_lists(value) for key, value in kwargs.items()}}
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:
-    """Builds registered model `name`. Every model accepts num_classes, width and dtype.
+    """Builds registered model `name`. Every model accepts num_classes, width, dtype and conv.
 
     The module's `__call__(x, *, train=False, return_features=False)` maps images (B, H, W, C) to
     float32 logits (B, H, W, num_classes), or (logits, features (B, H, W, D)) on request.

@@ -45,8 +45,8 @@ from neuroseg_jax.models.layers import (
     check_spatial_size,
     group_count,
     segmentation_output,
-    upsample2x,
 )
+from neuroseg_jax.ops import upsample2x
 
 CUP_STRIDE = 16  # the CUP's four 2x upsamplings start from the H/16 grid, the ResNet's output stride
 POSITION_EMBEDDING = "Transformer/posembed_input/pos_embedding"
@@ -69,21 +69,21 @@ class BottleneckUnit(nn.Module):
     mid_features: int
     strides: int = 1
     dtype: Any = jnp.float32
+    conv: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        conv = dict(use_bias=False, dtype=self.dtype, implementation=self.conv)
         residual = x
         if self.strides != 1 or x.shape[-1] != self.features:
-            residual = WSConv(self.features, 1, strides=self.strides, use_bias=False, dtype=self.dtype, name="conv_proj")(x)
+            residual = WSConv(self.features, 1, strides=self.strides, name="conv_proj", **conv)(x)
             residual = _gn(self.features, self.features, 1e-5, "gn_proj", self.dtype)(residual)
-        y = WSConv(self.mid_features, 1, use_bias=False, dtype=self.dtype, name="conv1")(x)
+        y = WSConv(self.mid_features, 1, name="conv1", **conv)(x)
         y = nn.relu(_gn(self.mid_features, 32, 1e-6, "gn1", self.dtype)(y))
         # Explicit (1, 1) padding matches the reference's stride-2 windows (SAME would pad (0, 1)).
-        y = WSConv(
-            self.mid_features, 3, strides=self.strides, padding=1, use_bias=False, dtype=self.dtype, name="conv2"
-        )(y)
+        y = WSConv(self.mid_features, 3, strides=self.strides, padding=1, name="conv2", **conv)(y)
         y = nn.relu(_gn(self.mid_features, 32, 1e-6, "gn2", self.dtype)(y))
-        y = WSConv(self.features, 1, use_bias=False, dtype=self.dtype, name="conv3")(y)
+        y = WSConv(self.features, 1, name="conv3", **conv)(y)
         y = _gn(self.features, 32, 1e-6, "gn3", self.dtype)(y)
         return nn.relu(y + residual)
 
@@ -96,12 +96,13 @@ class ResNetStage(nn.Module):
     num_units: int
     strides: int
     dtype: Any = jnp.float32
+    conv: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         for index in range(1, self.num_units + 1):
             strides = self.strides if index == 1 else 1
-            x = BottleneckUnit(self.features, self.mid_features, strides, self.dtype, name=f"unit{index}")(x)
+            x = BottleneckUnit(self.features, self.mid_features, strides, self.dtype, self.conv, name=f"unit{index}")(x)
         return x
 
 
@@ -111,10 +112,14 @@ class ResNetV2(nn.Module):
     width: int = 64
     units: Sequence[int] = (3, 4, 9)
     dtype: Any = jnp.float32
+    conv: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
-        x = WSConv(self.width, 7, strides=2, padding=3, use_bias=False, dtype=self.dtype, name="conv_root")(x)
+        x = WSConv(
+            self.width, 7, strides=2, padding=3, use_bias=False, dtype=self.dtype, implementation=self.conv,
+            name="conv_root",
+        )(x)
         x = nn.relu(_gn(self.width, 32, 1e-6, "gn_root", self.dtype)(x))
         stage_outputs = [x]
         # (1, 1) padding keeps H/4 exact; the reference pools unpadded and zero-pads the map back.
@@ -126,6 +131,7 @@ class ResNetV2(nn.Module):
                 num_units=num_units,
                 strides=1 if stage == 0 else 2,
                 dtype=self.dtype,
+                conv=self.conv,
                 name=f"block{stage + 1}",
             )(x)
             stage_outputs.append(x)
@@ -220,7 +226,8 @@ class TransUNet(nn.Module):
 
     C must equal `input_channels` (3 for ImageNet-pretrained encoders); single-channel images are
     repeated to 3 channels as in the reference. Features on request: last CUP block output
-    (B, H, W, decoder_channels[-1]).
+    (B, H, W, decoder_channels[-1]). `conv`: the convolution implementation ('auto' or 'lax', see
+    `neuroseg_jax.ops.conv2d`).
     """
 
     num_classes: int = 1
@@ -241,6 +248,7 @@ class TransUNet(nn.Module):
     input_channels: int = 3
     norm: str = "group"
     dtype: Any = jnp.float32
+    conv: str = "auto"
 
     def _decoder_channels(self) -> tuple[int, ...]:
         if self.decoder_channels is not None:
@@ -270,15 +278,17 @@ class TransUNet(nn.Module):
             raise ValueError(f"transunet: expected {self.input_channels} input channels, got {x.shape[-1]}")
         x = x.astype(self.dtype)
         if self.hybrid:
-            cnn_features, skips = ResNetV2(self.width, tuple(self.resnet_units), self.dtype, name="resnet")(x)
+            cnn_features, skips = ResNetV2(self.width, tuple(self.resnet_units), self.dtype, self.conv, name="resnet")(x)
             cell = patch // CUP_STRIDE  # patches of the H/16 feature map
             tokens = Conv(
-                self.hidden_size, cell, strides=cell, padding="VALID", dtype=self.dtype, name="embedding"
+                self.hidden_size, cell, strides=cell, padding="VALID", dtype=self.dtype, implementation=self.conv,
+                name="embedding",
             )(cnn_features)
         else:
             skips = []
             tokens = Conv(
-                self.hidden_size, patch, strides=patch, padding="VALID", dtype=self.dtype, name="embedding"
+                self.hidden_size, patch, strides=patch, padding="VALID", dtype=self.dtype, implementation=self.conv,
+                name="embedding",
             )(x)
         img_size = (self.img_size, self.img_size) if isinstance(self.img_size, int) else tuple(self.img_size)
         grid = (img_size[0] // patch, img_size[1] // patch)
@@ -286,18 +296,17 @@ class TransUNet(nn.Module):
             grid, self.num_layers, self.num_heads, self.mlp_dim, self.dropout_rate, self.attention_dropout_rate,
             self.dtype, name="Transformer",
         )(tokens, train=train)
-        y = ConvNormAct(self.head_channels or 8 * self.width, 3, norm=self.norm, dtype=self.dtype, name="conv_more")(
-            y, train=train
-        )
+        block = dict(norm=self.norm, dtype=self.dtype, conv=self.conv)
+        y = ConvNormAct(self.head_channels or 8 * self.width, 3, name="conv_more", **block)(y, train=train)
         for _ in range((patch // CUP_STRIDE).bit_length() - 1):
             y = upsample2x(y)
         for index, channels in enumerate(self._decoder_channels()):
             y = upsample2x(y)
             if index < self.n_skip:
                 y = jnp.concatenate([y, skips[index].astype(y.dtype)], axis=-1)
-            y = ConvNormAct(channels, 3, norm=self.norm, dtype=self.dtype, name=f"decoder_{index}_conv1")(y, train=train)
-            y = ConvNormAct(channels, 3, norm=self.norm, dtype=self.dtype, name=f"decoder_{index}_conv2")(y, train=train)
-        return segmentation_output(y, self.num_classes, return_features, kernel_size=3)
+            y = ConvNormAct(channels, 3, name=f"decoder_{index}_conv1", **block)(y, train=train)
+            y = ConvNormAct(channels, 3, name=f"decoder_{index}_conv2", **block)(y, train=train)
+        return segmentation_output(y, self.num_classes, return_features, kernel_size=3, conv=self.conv)
 
 
 def _checkpoint_key(param_path: str) -> str | None:

@@ -18,11 +18,10 @@ from neuroseg_jax.models.layers import (
     ConvNormAct,
     SpatialDropout,
     check_spatial_size,
-    max_pool2x,
     segmentation_output,
-    upsample2x,
     width_at,
 )
+from neuroseg_jax.ops import max_pool2x, upsample2x
 
 
 class DoubleConv(nn.Module):
@@ -32,18 +31,21 @@ class DoubleConv(nn.Module):
     norm: str = "group"
     act: str = "relu"
     dtype: Any = jnp.float32
+    conv: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        x = ConvNormAct(self.features, 3, norm=self.norm, act=self.act, dtype=self.dtype)(x, train=train)
-        return ConvNormAct(self.features, 3, norm=self.norm, act=self.act, dtype=self.dtype)(x, train=train)
+        block = dict(norm=self.norm, act=self.act, dtype=self.dtype, conv=self.conv)
+        x = ConvNormAct(self.features, 3, **block)(x, train=train)
+        return ConvNormAct(self.features, 3, **block)(x, train=train)
 
 
 class UNet(nn.Module):
     """U-Net; images (B, H, W, C) -> logits (B, H, W, num_classes) [, features (B, H, W, width)].
 
     attention_gates=True gives Attention U-Net. Spatial dropout (rate `dropout_rate`) is applied to
-    the bottleneck during training.
+    the bottleneck during training. `conv`: the convolution implementation ('auto' or 'lax', see
+    `neuroseg_jax.ops.conv2d`).
     """
 
     num_classes: int = 1
@@ -54,6 +56,7 @@ class UNet(nn.Module):
     attention_gates: bool = False
     dropout_rate: float = 0.0
     dtype: Any = jnp.float32
+    conv: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False, return_features: bool = False):
@@ -62,18 +65,20 @@ class UNet(nn.Module):
         x = x.astype(self.dtype)
         skips = []
         for level in range(self.depth):
-            x = DoubleConv(width_at(self.width, level), self.norm, self.act, self.dtype)(x, train=train)
+            x = DoubleConv(width_at(self.width, level), self.norm, self.act, self.dtype, self.conv)(x, train=train)
             skips.append(x)
             x = max_pool2x(x)
-        x = DoubleConv(width_at(self.width, self.depth), self.norm, self.act, self.dtype)(x, train=train)
+        x = DoubleConv(width_at(self.width, self.depth), self.norm, self.act, self.dtype, self.conv)(x, train=train)
         x = SpatialDropout(self.dropout_rate)(x, train=train)
         for level in reversed(range(self.depth)):
             features = width_at(self.width, level)
             skip = skips[level]
             if self.attention_gates:
-                skip = AttentionGate(max(features // 2, 1), self.dtype)(skip, x)
-            x = ConvNormAct(features, 3, norm=self.norm, act=self.act, dtype=self.dtype)(upsample2x(x), train=train)
-            x = DoubleConv(features, self.norm, self.act, self.dtype)(
+                skip = AttentionGate(max(features // 2, 1), self.dtype, self.conv)(skip, x)
+            x = ConvNormAct(features, 3, norm=self.norm, act=self.act, dtype=self.dtype, conv=self.conv)(
+                upsample2x(x), train=train
+            )
+            x = DoubleConv(features, self.norm, self.act, self.dtype, self.conv)(
                 jnp.concatenate([x, skip], axis=-1), train=train
             )
-        return segmentation_output(x, self.num_classes, return_features)
+        return segmentation_output(x, self.num_classes, return_features, conv=self.conv)

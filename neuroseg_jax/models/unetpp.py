@@ -19,16 +19,18 @@ from neuroseg_jax.models.layers import (
     Conv,
     SpatialDropout,
     check_spatial_size,
-    max_pool2x,
     segmentation_output,
-    upsample2x,
     width_at,
 )
 from neuroseg_jax.models.unet import DoubleConv
+from neuroseg_jax.ops import max_pool2x, upsample2x
 
 
 class UNetPlusPlus(nn.Module):
-    """images (B, H, W, C), H and W divisible by 2**depth -> logits (B, H, W, num_classes)."""
+    """images (B, H, W, C), H and W divisible by 2**depth -> logits (B, H, W, num_classes).
+
+    `conv`: the convolution implementation ('auto' or 'lax', see `neuroseg_jax.ops.conv2d`).
+    """
 
     num_classes: int = 1
     width: int = 32
@@ -38,6 +40,7 @@ class UNetPlusPlus(nn.Module):
     deep_supervision: bool = False
     dropout_rate: float = 0.0
     dtype: Any = jnp.float32
+    conv: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False, return_features: bool = False):
@@ -46,20 +49,21 @@ class UNetPlusPlus(nn.Module):
         previous = x.astype(self.dtype)
         for level in range(self.depth + 1):
             block_input = previous if level == 0 else max_pool2x(previous)
-            previous = DoubleConv(width_at(self.width, level), self.norm, self.act, self.dtype)(block_input, train=train)
+            previous = DoubleConv(width_at(self.width, level), self.norm, self.act, self.dtype, self.conv)(
+                block_input, train=train
+            )
             nodes[(level, 0)] = previous
         nodes[(self.depth, 0)] = SpatialDropout(self.dropout_rate)(nodes[(self.depth, 0)], train=train)
         for column in range(1, self.depth + 1):
             for level in range(self.depth + 1 - column):
                 inputs = [nodes[(level, k)] for k in range(column)] + [upsample2x(nodes[(level + 1, column - 1)])]
-                nodes[(level, column)] = DoubleConv(width_at(self.width, level), self.norm, self.act, self.dtype)(
-                    jnp.concatenate(inputs, axis=-1), train=train
-                )
+                block = DoubleConv(width_at(self.width, level), self.norm, self.act, self.dtype, self.conv)
+                nodes[(level, column)] = block(jnp.concatenate(inputs, axis=-1), train=train)
         features = nodes[(0, self.depth)]
         if not self.deep_supervision:
-            return segmentation_output(features, self.num_classes, return_features)
+            return segmentation_output(features, self.num_classes, return_features, conv=self.conv)
         head_logits = tuple(
-            Conv(self.num_classes, 1, dtype=jnp.float32, name=f"head_{column}")(
+            Conv(self.num_classes, 1, dtype=jnp.float32, name=f"head_{column}", implementation=self.conv)(
                 nodes[(0, column)].astype(jnp.float32)
             )
             for column in range(1, self.depth + 1)

@@ -1,7 +1,7 @@
 """Training: pure sharded steps, checkpoints and the ``train_and_evaluate`` loop."""
 
+from neuroseg_jax.ops import reuse_freed_host_memory  # the launchers' host-memory policy
 from neuroseg_jax.train.checkpoint import Checkpoints, restore_weights
-from neuroseg_jax.train.host_memory import reuse_freed_host_memory
 from neuroseg_jax.train.loop import NonFiniteLossError, evaluate, make_loss_fn, train_and_evaluate
 from neuroseg_jax.train.optim import make_optimizer, make_schedule
 from neuroseg_jax.train.plateau import PlateauState, update_plateau

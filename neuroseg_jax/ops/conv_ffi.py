@@ -2,26 +2,23 @@
 
 Three handlers, used by `conv.conv2d` on the CPU:
 
-- `kernel_grad`: the kernel gradient of any convolution. XLA's CPU backend has no fast kernel for it
-  (issue 8): its own form runs at 4-60 GFLOP/s, and the matrix-product form of
-  `conv._kernel_grad_matmul` is held back by how Eigen shares small products between two threads
-  (114 GFLOP/s over the benchmark U-Net's layers on the 2-core EPYC, against 169 for PyTorch's
-  oneDNN). The handler splits the output rows between the threads of XLA's intra-op pool, each
-  summing its own register-blocked product, and reaches 160-190 GFLOP/s on 16x16 to 512x768 maps
-  with 32 to 1024 channels (oneDNN's own backward-weights kernel: ~170).
+- `kernel_grad`: the kernel gradient of any convolution. XLA's CPU backend has no fast kernel for
+  it, and the matrix-product form of `conv._kernel_grad_matmul` is held back by how Eigen shares
+  small products between two threads. The handler splits the output rows between the threads of
+  XLA's intra-op pool, each summing its own register-blocked product.
 - `winograd_conv`: a 3x3 stride-1 convolution, dilated or not, by Winograd's F(2x2, 3x3)
   algorithm (2.25x fewer multiply-adds than the direct sum), for the forward pass and the input
-  gradient of every such layer: 1.2-1.9x faster than XLA's own convolution on the benchmark
-  U-Net's layers, at the same float32 accuracy to ~1e-7 relative (notes in `conv_ffi.cc`);
+  gradient of every such layer, at the direct sum's float32 accuracy (notes in `conv_ffi.cc`);
 - `winograd_kernel_grad`: the kernel gradient of those layers by the transposed algorithm,
-  F(3x3, 2x2): 1.4-1.7x faster than `kernel_grad` on the same layers.
+  F(3x3, 2x2).
+What each gained is in benchmarks/README.md ("Kernel gradient on the CPU", "Winograd F(2x2,3x3)
+handlers").
 
 The source is compiled on first use, with the machine's C++ compiler (`$CXX`, else `c++`/`g++`)
 for the machine's own vector instructions, into a cache keyed by the source, jaxlib, compiler and
-CPU (`$NEUROSEG_JAX_CACHE`, else `$XDG_CACHE_HOME/neuroseg_jax` or `~/.cache/neuroseg_jax`); that
-takes a few seconds once per machine. Without a compiler, or if the build fails, a warning says
-why and `conv2d` keeps the XLA formulations (same results, slower). `NEUROSEG_JAX_CPU_FFI=0` turns
-the handlers off.
+CPU (`$NEUROSEG_JAX_CACHE`, else `$XDG_CACHE_HOME/neuroseg_jax` or `~/.cache/neuroseg_jax`), once
+per machine. Without a compiler, or if the build fails, a warning says why and `conv2d` keeps the
+XLA formulations (same results, slower). `NEUROSEG_JAX_CPU_FFI=0` turns the handlers off.
 
 All three are usable under `jit`, `vmap` and sharding: a batch sharded over mesh axes gives one
 call per shard (the kernel gradients then sum over those axes); under `vmap`, the kernel gradients

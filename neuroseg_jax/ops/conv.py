@@ -1,17 +1,21 @@
-"""The 2-D convolution every model uses (see `layers.Conv`), with fast CPU kernels for both passes.
+"""The 2-D convolution every model uses (`models.layers.Conv`), with fast CPU kernels for both passes.
 
-XLA's CPU backend computes the *kernel* gradient of a convolution as a convolution whose
-"kernel" is the whole output cotangent (spatial size Ho x Wo) and whose output is the tiny
-kh x kw window, and that shape defeats its convolution kernels once the image is large (issue 8:
-4-60 GFLOP/s on the shared 2-core EPYC). `conv2d` is a `jax.custom_vjp` whose CPU kernel gradient
-is, in order of preference:
+`conv2d` computes what `lax.conv_general_dilated` computes (NHWC inputs, HWIO kernel), by the
+fastest formulation the platform offers; `implementation="lax"` asks for the plain convolution.
+What each formulation below gained, and what was tried instead, is in benchmarks/README.md under
+the topic named in brackets.
+
+On the CPU, `conv2d` is a `jax.custom_vjp` because XLA's CPU backend computes the *kernel* gradient
+of a convolution as a convolution whose "kernel" is the whole output cotangent (spatial size
+Ho x Wo) and whose output is the tiny kh x kw window, a shape that defeats its convolution kernels
+once the image is large ["Kernel gradient on the CPU"]. The CPU kernel gradient is, in order of
+preference:
 
 0. for the 3x3 stride-1 layers that run forward through Winograd's algorithm (below),
-   the compiled Winograd kernel gradient (`conv_ffi.winograd_kernel_grad`, 1.4-1.7x faster than 1.);
+   the compiled Winograd kernel gradient (`conv_ffi.winograd_kernel_grad`);
 1. the compiled XLA FFI handler of `conv_ffi` (built on first use with the machine's C++
-   compiler): 160-190 GFLOP/s from 16x16 to 512x768 maps and 32 to 1024 channels, 1.3-2x the
-   matmul form below on large maps and at least as fast as either XLA form elsewhere (closest on
-   small maps with wide inputs, 2x32x48 1024->256: 90-92 ms against 84-93);
+   compiler), at least as fast as either XLA form below at every size measured, by the widest
+   margin on large maps;
 2. where no compiler is found: an unpadded, unstrided 1x1 convolution's kernel gradient as one
    matrix product; otherwise, above `MATMUL_KERNEL_GRAD_MIN_BYTES` of cotangent per image, the
    chunked matrix-product form `_kernel_grad_matmul`; below it XLA's own kernel gradient, which is
@@ -32,36 +36,40 @@ instead of kh*kw*Cin. For thin inputs (first layer: Cin = 1 or 3) full im2col on
 cheaper and is used; it is also the formulation for convolutions strided along the width, where
 the cotangent shift would need zero-interleaving.
 The output rows are processed in chunks of ~`CHUNK_POSITIONS` positions (a `fori_loop`
-accumulating the small product) so the shifted copies of a chunk (0.1-3 MB) stay in cache:
-un-chunked copies of a 2x512x768 map cost 0.3-0.9 GB of fresh memory per layer and made the
-product 1.2-2x slower than chunked. Its limit is Eigen's two-thread scaling of these small
-products, which the handler avoids by giving each thread its own rows.
+accumulating the small product) so the shifted copies of a chunk stay in cache: un-chunked, the
+copies of a large map cost fresh memory per layer and made the product slower. Its limit is
+Eigen's two-thread scaling of these small products, which the handler avoids by giving each
+thread its own rows.
 
 Unpadded, unstrided 1x1 convolutions run forward and input gradient as matrix products over the
-channels on every platform.
+channels on every platform ["1x1 convolutions as matrix products"].
 
 3x3 stride-1 convolutions, dilated or not (most of every network here), with at least
 `WINOGRAD_MIN_TILES` 2x2 output tiles run forward and input gradient, on the CPU where the handlers
-are built, by `conv_ffi.winograd_conv` (Winograd F(2x2, 3x3): 1.2-1.9x faster than XLA's
-convolution per layer), the input gradient as the correlation of the cotangent with the flipped,
-channel-transposed kernel (and the same dilation). In one process against the XLA convolutions and
-the direct kernel-gradient handler, the benchmark U-Net's step went from 4.3-4.5 to 3.7-3.9 s with
-Winograd's forward and input gradient, and to 3.0 s with its kernel gradient too; IMSAHLO's (whose
-dense blocks add dilated 3x3 convolutions) from 10.1 to 7.5 s.
+are built, by `conv_ffi.winograd_conv` (Winograd F(2x2, 3x3)), the input gradient as the
+correlation of the cotangent with the flipped, channel-transposed kernel (and the same dilation)
+["Winograd F(2x2,3x3) handlers"].
 
 Stride-1 convolutions with at most `THIN_MAX_CHANNEL_PAIRS` (input, output) channel pairs, such as
 IMSAHLO's 7x7 2->1 spatial attention, run forward and input gradient on the CPU as sums of shifted
-image planes (`_shifted_planes_conv`; 93 -> 6 ms forward at 2x512x768), the input gradient again as
-the correlation with the flipped kernel; their kernel gradient is the handler's (or XLA's).
-Other input gradients stay XLA's transposed convolution: measured at 80-190 GFLOP/s
-(uncontended), as fast as the forward pass. On GPU/TPU (`lax.platform_dependent`) the kernel
-gradient is XLA's own, except for dilated convolutions on NVIDIA/AMD GPUs: XLA's GPU compiler does
-not recognise their kernel gradient as cuDNN's backward-filter convolution and runs it as a forward
-convolution whose window is the whole image (seen in IMSAHLO's compiled step on an H100: 512x768
-windows with 2 GB of cuDNN workspace, and the step 11x slower than a U-Net of similar FLOPs). There
-the dilation is moved into the batch instead (`_kernel_grad_dilation_phases`), which leaves an
-undilated kernel gradient that cuDNN's backward filter takes.
+image planes (`_shifted_planes_conv`), the input gradient again as the correlation with the flipped
+kernel; their kernel gradient is the handler's (or XLA's) ["Thin convolutions as shifted-plane
+sums"]. Other input gradients stay XLA's transposed convolution, as fast as its forward pass.
+
+Off the CPU (`lax.platform_dependent`) the convolution is plain lax ops with JAX's own derivatives,
+except for stride-1 dilated convolutions on NVIDIA/AMD GPUs: XLA's GPU compiler does not recognise
+their kernel gradient as cuDNN's backward-filter convolution and runs it as a forward convolution
+whose window is the whole image ["Dilated kernel gradients on GPUs"]. There a custom VJP moves the
+dilation into the batch instead (`_kernel_grad_dilation_phases`), which leaves an undilated kernel
+gradient that cuDNN's backward filter takes.
 Grouped convolutions (groups > 1) use JAX's native autodiff on every platform.
+
+Forward-mode autodiff (`jax.jvp`, `jax.linearize`, `jax.jacfwd`) needs JAX's own derivatives: it
+works with `implementation="lax"`, for grouped convolutions, and off the CPU except for the dilated
+convolutions on NVIDIA/AMD GPUs. Through the custom VJPs JAX raises "can't apply forward-mode
+autodiff (jvp) to a custom_vjp function": a custom VJP gives the backward pass only, and JAX offers
+no public way to tell a forward-mode trace from a reverse-mode one, so the switch is the caller's
+(`config.model.conv='lax'` for the models).
 """
 
 from functools import partial
@@ -71,31 +79,32 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from neuroseg_jax.models import conv_ffi
+from neuroseg_jax._validation import pair
+from neuroseg_jax.ops import conv_ffi
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 Pads = tuple[tuple[int, int], tuple[int, int]]
 Pair = tuple[int, int]
 
+# 'auto': the fastest formulation per platform (module doc); 'lax': `lax.conv_general_dilated` with
+# JAX's own derivatives, forward mode included.
+CONV_IMPLEMENTATIONS = ("auto", "lax")
+
 # XLA's kernel gradient is fast while one image's cotangent (Ho*Wo*Cout) fits in cache: below
-# 4 MiB it was 1.2-2x faster than the matmul form (2x128x192 32->32: 31 vs 58 ms), above it
-# 1.5-5x slower (2x256x384 32->32: 737 vs 230 ms; 2x128x192 32->64: 289 vs 56 ms).
+# 4 MiB it beat the matmul form, above it the matmul form won ["Kernel gradient on the CPU"].
 MATMUL_KERNEL_GRAD_MIN_BYTES = 4 << 20
 
 # The Winograd handler's fewest 2x2 output tiles (over the batch): below it, on small maps with wide
-# channels, transforming the kernel costs more than it saves (2x8x12 1024->1024: 43 against XLA's
-# 27 ms; 2x16x24, 192 tiles: 72 against 80).
+# channels, transforming the kernel costs more than it saves.
 WINOGRAD_MIN_TILES = 128
 
 # Stride-1 convolutions with at most this many (input, output) channel pairs run forward and input
-# gradient on the CPU as sums of shifted image planes (`_shifted_planes_conv`). XLA's CPU convolution
-# takes 20-90 ms at 2x512x768 for these whatever their size; measured there: IMSAHLO's 7x7 2->1
-# spatial attention 93 against 6 ms, 3x3 1->8 20 against 11, 3x3 2->2 30 against 3; 3x3 1->16
-# (16 pairs) was 20 against 29.
+# gradient on the CPU as sums of shifted image planes (`_shifted_planes_conv`); XLA's CPU convolution
+# takes about as long for these whatever their size, and above 8 pairs the sums lost.
 THIN_MAX_CHANNEL_PAIRS = 8
 
 # Output positions per kernel-gradient chunk (module doc); 1024-2048 measured best at 32-256
-# channels, 8192+ was 10-60% slower, 512 no better.
+# channels, larger chunks slower, 512 no better.
 CHUNK_POSITIONS = 2048
 
 
@@ -107,6 +116,7 @@ def conv2d(
     padding: str | Sequence[tuple[int, int]] = "SAME",
     dilation: Sequence[int] = (1, 1),
     groups: int = 1,
+    implementation: str = "auto",
 ) -> jax.Array:
     """2-D cross-correlation, same semantics as `lax.conv_general_dilated`.
 
@@ -117,30 +127,40 @@ def conv2d(
       padding: 'SAME', 'SAME_LOWER', 'VALID' or ((top, bottom), (left, right)).
       dilation: (dh, dw) kernel (rhs) dilation.
       groups: feature_group_count.
+      implementation: one of `CONV_IMPLEMENTATIONS`: 'auto' (the fast formulations of the module
+        doc) or 'lax' (plain `lax.conv_general_dilated`).
 
     Returns:
       (N, Ho, Wo, Cout) array; Ho, Wo as in `lax.conv_general_dilated`.
       Reverse-mode gradients (grad/vjp, under jit, vmap, sharding, remat) equal those of
-      `lax.conv_general_dilated` up to float rounding. With groups == 1 the function is a
-      `jax.custom_vjp`, so forward-mode (jvp, linearize, jacfwd) is not available.
+      `lax.conv_general_dilated` up to float rounding. Forward mode (jvp, linearize, jacfwd): see
+      the module doc; it always works with implementation='lax'.
 
     Raises:
-      ValueError: on non-4-D arrays, channel/group mismatches, bad strides, dilation or padding.
+      ValueError: on non-4-D arrays, channel/group mismatches, bad strides, dilation, padding or
+        implementation.
     """
-    strides_pair = _pair("strides", strides)
-    dilation_pair = _pair("dilation", dilation)
+    if implementation not in CONV_IMPLEMENTATIONS:
+        raise ValueError(f"conv2d: implementation must be one of {CONV_IMPLEMENTATIONS}, got {implementation!r}")
+    strides_pair = pair(strides, "conv2d strides", minimum=1)
+    dilation_pair = pair(dilation, "conv2d dilation", minimum=1)
     _check_shapes(inputs, kernel, groups)
     pads = _explicit_pads(inputs.shape, kernel.shape, strides_pair, dilation_pair, padding)
-    if groups != 1:
+    if implementation == "lax" or groups != 1:
         return _lax_conv(inputs, kernel, strides_pair, pads, dilation_pair, groups)
-    return _conv_fast_grad(inputs, kernel, strides_pair, pads, dilation_pair)
 
+    def portable(x: jax.Array, k: jax.Array) -> jax.Array:
+        return _conv_or_product(x, k, strides_pair, pads, dilation_pair)
 
-def _pair(name: str, values: Sequence[int]) -> Pair:
-    pair = tuple(int(v) for v in values)
-    if len(pair) != 2 or min(pair) < 1:
-        raise ValueError(f"conv2d: {name} must be two positive ints, got {values!r}")
-    return pair
+    def cpu(x: jax.Array, k: jax.Array) -> jax.Array:
+        return _conv_cpu(x, k, strides_pair, pads, dilation_pair)
+
+    gpu = portable
+    if dilation_pair != (1, 1) and strides_pair == (1, 1):
+        def gpu(x: jax.Array, k: jax.Array) -> jax.Array:
+            return _conv_dilated_gpu(x, k, pads, dilation_pair)
+
+    return lax.platform_dependent(inputs, kernel, cpu=cpu, cuda=gpu, rocm=gpu, default=portable)
 
 
 def _check_shapes(inputs: jax.Array, kernel: jax.Array, groups: int) -> None:
@@ -194,10 +214,9 @@ def _is_pointwise(kernel_shape: tuple[int, ...], strides: Pair, pads: Pads) -> b
 
 
 def _conv_or_product(inputs: jax.Array, kernel: jax.Array, strides: Pair, pads: Pads, dilation: Pair) -> jax.Array:
-    """The convolution; an unpadded 1x1 one as the matrix product over channels it is."""
+    """The convolution; an unpadded 1x1 one as the matrix product over channels it is (XLA's CPU
+    convolution ran 1x1 convolutions slower than this product, forward and input gradient alike)."""
     if _is_pointwise(kernel.shape, strides, pads):
-        # XLA's CPU convolution ran 1x1 convolutions 1.2-3.7x slower than this product, forward and
-        # input gradient alike (2x512x768 32->1 head: 15.8 vs 4.3 ms; 2x256x384 64->128: 50 vs 28 ms).
         return lax.dot_general(inputs, kernel[0, 0], (((3,), (0,)), ((), ())))
     return _lax_conv(inputs, kernel, strides, pads, dilation)
 
@@ -238,43 +257,27 @@ def _shifted_planes_conv(inputs: jax.Array, kernel: jax.Array, pads: Pads, dilat
     return lax.optimization_barrier(jnp.stack(outputs, axis=-1))
 
 
-def _on_cpu_or(cpu_conv, xla_conv, inputs: jax.Array, kernel: jax.Array) -> jax.Array:
-    """cpu_conv(inputs, kernel) on the CPU, elsewhere xla_conv(inputs, kernel), which must compute
-    the same convolution."""
-    return lax.platform_dependent(inputs, kernel, cpu=lambda x, k: cpu_conv(x, k).astype(x.dtype), default=xla_conv)
-
-
-def _conv_forward(inputs: jax.Array, kernel: jax.Array, strides: Pair, pads: Pads, dilation: Pair) -> jax.Array:
+def _cpu_forward(inputs: jax.Array, kernel: jax.Array, strides: Pair, pads: Pads, dilation: Pair) -> jax.Array:
+    if _is_thin(kernel.shape, strides):
+        return _shifted_planes_conv(inputs, kernel, pads, dilation).astype(inputs.dtype)
     (top, bottom), (left, right) = pads
     output_size = (inputs.shape[1] + top + bottom - 2 * dilation[0], inputs.shape[2] + left + right - 2 * dilation[1])
-    xla_conv = partial(_conv_or_product, strides=strides, pads=pads, dilation=dilation)
-    if _is_thin(kernel.shape, strides):
-        return _on_cpu_or(partial(_shifted_planes_conv, pads=pads, dilation=dilation), xla_conv, inputs, kernel)
     if _is_winograd(kernel.shape, strides, inputs.shape[0], output_size):
-        def winograd(x, k):
-            return conv_ffi.winograd_conv(x, k, (top, left), output_size, dilation)
-
-        return _on_cpu_or(winograd, xla_conv, inputs, kernel)
-    return xla_conv(inputs, kernel)
+        return conv_ffi.winograd_conv(inputs, kernel, (top, left), output_size, dilation).astype(inputs.dtype)
+    return _conv_or_product(inputs, kernel, strides, pads, dilation)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv_fast_grad(inputs: jax.Array, kernel: jax.Array, strides: Pair, pads: Pads, dilation: Pair):
-    return _conv_forward(inputs, kernel, strides, pads, dilation)
+def _xla_input_grad(inputs: jax.Array, kernel: jax.Array, strides: Pair, pads: Pads, dilation: Pair, out_grad):
+    (inputs_grad,) = jax.linear_transpose(lambda x: _conv_or_product(x, kernel, strides, pads, dilation), inputs)(
+        out_grad
+    )
+    return inputs_grad
 
 
-def _conv_fast_grad_fwd(inputs, kernel, strides, pads, dilation):
-    return _conv_forward(inputs, kernel, strides, pads, dilation), (inputs, kernel)
-
-
-def _input_grad(inputs: jax.Array, kernel: jax.Array, strides: Pair, pads: Pads, dilation: Pair, out_grad: jax.Array):
-    def xla_input_grad(g: jax.Array, *_) -> jax.Array:
-        (inputs_grad,) = jax.linear_transpose(lambda x: _conv_or_product(x, kernel, strides, pads, dilation), inputs)(g)
-        return inputs_grad
-
+def _cpu_input_grad(inputs: jax.Array, kernel: jax.Array, strides: Pair, pads: Pads, dilation: Pair, out_grad):
     thin = _is_thin(kernel.shape, strides)
     if not (thin or _is_winograd(kernel.shape, strides, out_grad.shape[0], out_grad.shape[1:3])):
-        return xla_input_grad(out_grad)
+        return _xla_input_grad(inputs, kernel, strides, pads, dilation, out_grad)
     # The transposed convolution of a stride-1 one is a stride-1 correlation of the cotangent with the
     # kernel flipped in space and transposed in channels, with the same dilation d, padded by
     # d*(k - 1) - pad on each side.
@@ -283,56 +286,74 @@ def _input_grad(inputs: jax.Array, kernel: jax.Array, strides: Pair, pads: Pads,
         (d * (k - 1) - low, d * (k - 1) - high) for d, k, (low, high) in zip(dilation, kernel.shape[:2], pads)
     )
     if thin:
-        return _on_cpu_or(
-            partial(_shifted_planes_conv, pads=transposed_pads, dilation=dilation), xla_input_grad, out_grad, flipped
-        )
-
-    def winograd(g, k):
-        shift = (transposed_pads[0][0], transposed_pads[1][0])
-        return conv_ffi.winograd_conv(g, k, shift, inputs.shape[1:3], dilation)
-
-    return _on_cpu_or(winograd, xla_input_grad, out_grad, flipped)
+        return _shifted_planes_conv(out_grad, flipped, transposed_pads, dilation).astype(out_grad.dtype)
+    shift = (transposed_pads[0][0], transposed_pads[1][0])
+    return conv_ffi.winograd_conv(out_grad, flipped, shift, inputs.shape[1:3], dilation).astype(out_grad.dtype)
 
 
-def _conv_fast_grad_bwd(strides, pads, dilation, residuals, out_grad):
-    inputs, kernel = residuals
-    inputs_grad = _input_grad(inputs, kernel, strides, pads, dilation, out_grad)
-    native = partial(_kernel_grad_native, kernel=kernel, strides=strides, pads=pads, dilation=dilation)
+def _cpu_kernel_grad(inputs: jax.Array, kernel: jax.Array, strides: Pair, pads: Pads, dilation: Pair, out_grad):
+    """The kernel gradient by the first formulation of the module doc's list that applies, in the
+    kernel's dtype (the CPU products accumulate in float32)."""
     _, ho, wo, cout = out_grad.shape
-    gpu_kernel_grad = native
-    if dilation != (1, 1) and strides == (1, 1):
-        def gpu_kernel_grad(x, g):
-            return _kernel_grad_dilation_phases(x, g, kernel=kernel, pads=pads, dilation=dilation)
     if _is_winograd(kernel.shape, strides, out_grad.shape[0], out_grad.shape[1:3]):
-        def cpu_kernel_grad(x, g):
-            return conv_ffi.winograd_kernel_grad(x, g, (pads[0][0], pads[1][0]), dilation)
+        kernel_grad = conv_ffi.winograd_kernel_grad(inputs, out_grad, (pads[0][0], pads[1][0]), dilation)
     elif _ffi_available():
-        def cpu_kernel_grad(x, g):
-            padded = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
-            return conv_ffi.kernel_grad(padded, g, kernel.shape[:2], strides, dilation)
+        padded = lax.pad(inputs, jnp.zeros((), inputs.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
+        kernel_grad = conv_ffi.kernel_grad(padded, out_grad, kernel.shape[:2], strides, dilation)
     elif _is_pointwise(kernel.shape, strides, pads):
-        # A 1x1 convolution's kernel gradient is one matrix product; XLA's CPU convolution form
-        # of it ran 2-12x slower at every size measured (2x64x96 320->128: 59 vs 14 ms).
-        def cpu_kernel_grad(x, g):
-            return _contract_positions(x, g).reshape(kernel.shape)
+        # A 1x1 convolution's kernel gradient is one matrix product; XLA's CPU convolution form of it
+        # ran slower at every size measured.
+        kernel_grad = _contract_positions(inputs, out_grad).reshape(kernel.shape)
     elif ho * wo * cout * out_grad.dtype.itemsize >= MATMUL_KERNEL_GRAD_MIN_BYTES:
-        def cpu_kernel_grad(x, g):
-            return _kernel_grad_matmul(x, g, kernel_shape=kernel.shape, strides=strides, pads=pads, dilation=dilation)
+        kernel_grad = _kernel_grad_matmul(
+            inputs, out_grad, kernel_shape=kernel.shape, strides=strides, pads=pads, dilation=dilation
+        )
     else:
-        cpu_kernel_grad = native
-    # Every branch must return the kernel's dtype; the CPU products accumulate in float32.
-    kernel_grad = lax.platform_dependent(
-        inputs,
-        out_grad,
-        cpu=lambda x, g: cpu_kernel_grad(x, g).astype(kernel.dtype),
-        cuda=gpu_kernel_grad,
-        rocm=gpu_kernel_grad,
-        default=native,
+        kernel_grad = _kernel_grad_native(inputs, out_grad, kernel=kernel, strides=strides, pads=pads, dilation=dilation)
+    return kernel_grad.astype(kernel.dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_cpu(inputs: jax.Array, kernel: jax.Array, strides: Pair, pads: Pads, dilation: Pair) -> jax.Array:
+    """The CPU branch of `conv2d`: the module doc's forward pass and gradients."""
+    return _cpu_forward(inputs, kernel, strides, pads, dilation)
+
+
+def _conv_cpu_fwd(inputs, kernel, strides, pads, dilation):
+    return _cpu_forward(inputs, kernel, strides, pads, dilation), (inputs, kernel)
+
+
+def _conv_cpu_bwd(strides, pads, dilation, residuals, out_grad):
+    inputs, kernel = residuals
+    return (
+        _cpu_input_grad(inputs, kernel, strides, pads, dilation, out_grad),
+        _cpu_kernel_grad(inputs, kernel, strides, pads, dilation, out_grad),
     )
-    return inputs_grad, kernel_grad
 
 
-_conv_fast_grad.defvjp(_conv_fast_grad_fwd, _conv_fast_grad_bwd)
+_conv_cpu.defvjp(_conv_cpu_fwd, _conv_cpu_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_dilated_gpu(inputs: jax.Array, kernel: jax.Array, pads: Pads, dilation: Pair) -> jax.Array:
+    """The NVIDIA/AMD branch of `conv2d` for stride-1 dilated convolutions: XLA's convolution, its
+    kernel gradient over dilation phases (module doc)."""
+    return _conv_or_product(inputs, kernel, (1, 1), pads, dilation)
+
+
+def _conv_dilated_gpu_fwd(inputs, kernel, pads, dilation):
+    return _conv_or_product(inputs, kernel, (1, 1), pads, dilation), (inputs, kernel)
+
+
+def _conv_dilated_gpu_bwd(pads, dilation, residuals, out_grad):
+    inputs, kernel = residuals
+    return (
+        _xla_input_grad(inputs, kernel, (1, 1), pads, dilation, out_grad),
+        _kernel_grad_dilation_phases(inputs, out_grad, kernel=kernel, pads=pads, dilation=dilation),
+    )
+
+
+_conv_dilated_gpu.defvjp(_conv_dilated_gpu_fwd, _conv_dilated_gpu_bwd)
 
 
 def _ffi_available() -> bool:
@@ -407,8 +428,7 @@ def _kernel_grad_matmul(inputs, out_grad, *, kernel_shape, strides, pads, dilati
         ((0, 0, 0), (pads[0][0], pads[0][1] + extra_rows, 0), (*pads[1], 0), (0, 0, 0)),
     )
     # The cotangent is zero padded along the width once, (kw-1)*dw columns each side, so that its
-    # kw column shifts are plain windows of it: per-chunk pads inside the loop cost 1.3-1.5x more
-    # at 2x512x768 (32->32: 232-255 vs 162-181 ms, 64->32: 406-470 vs 313-377 ms).
+    # kw column shifts are plain windows of it: per-chunk pads inside the loop cost more.
     width_pad = (kw - 1) * dw if split else 0
     grads = jnp.pad(out_grad, ((0, 0), (0, chunks * chunk_rows - ho), (width_pad, width_pad), (0, 0)))
 

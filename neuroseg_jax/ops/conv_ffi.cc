@@ -9,16 +9,15 @@
 // xp: the padded input (N, Hp, Wp, Cin); g: the output cotangent (N, Ho, Wo, Cout);
 // dk: (kh, kw, Cin, Cout); float32, channels last, row-major.
 //
-// Why a handler: XLA's CPU backend has no fast kernel for this contraction (issue 8). Its
-// convolution form runs at 4-60 GFLOP/s, and the matrix-product form in conv.py is limited by how
-// Eigen splits small (96 x ~2000)^T (~2000 x 96) products between threads. Here the output rows
-// (n, y) are split into one contiguous part per thread of XLA's intra-op pool, each part
-// accumulates into its own dk, and the parts are summed at the end, so the threads never share a
-// product. Within a part, kRows product rows (tap j, channel c) times two vectors of output
-// channels are held in registers while a tile of output positions streams through: per position,
-// kRows broadcasts of input values and two loads of the cotangent feed 2 * kRows fused
-// multiply-adds. Output channels left over are done one vector at a time, the last cout % kLanes
-// of them from a zero-padded copy of the cotangent.
+// Why a handler: XLA's CPU backend has no fast kernel for this contraction. Its convolution form is
+// slow on large maps, and the matrix-product form in conv.py is limited by how Eigen splits small
+// (96 x ~2000)^T (~2000 x 96) products between threads. Here the output rows (n, y) are split into
+// one contiguous part per thread of XLA's intra-op pool, each part accumulates into its own dk, and
+// the parts are summed at the end, so the threads never share a product. Within a part, kRows
+// product rows (tap j, channel c) times two vectors of output channels are held in registers while
+// a tile of output positions streams through: per position, kRows broadcasts of input values and
+// two loads of the cotangent feed 2 * kRows fused multiply-adds. Output channels left over are done
+// one vector at a time, the last cout % kLanes of them from a zero-padded copy of the cotangent.
 
 #include <algorithm>
 #include <array>
@@ -48,8 +47,8 @@ constexpr int kRows = 6;  // 6 x 2 accumulators + 2 cotangent vectors of the 16 
 #endif
 // Output positions per tile: the cotangent tile and the input columns it meets stay in the L2 cache
 // while every row block passes over them, and the accumulators are read and written once per tile.
-// Measured on the 2-core EPYC over 32-1024 channels and 16x16 to 512x768 maps: 512 and 1024 were
-// best, 128 was 5-30% slower (most on short rows with wide inputs), 2048 up to 1.6x slower.
+// Over 32-1024 channels and 16x16 to 512x768 maps, 512 and 1024 were best; smaller tiles lost most
+// on short rows with wide inputs (benchmarks/README.md, "Kernel gradient on the CPU").
 constexpr int64_t kTilePositions = 512;
 
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float)), aligned(4), may_alias));
@@ -206,16 +205,15 @@ void RunParts(ffi::ThreadPool& pool, int64_t count, std::function<void(int64_t)>
 // U = G k G^T (once per call), the 16 elementwise products summed over channels are 16 matrix
 // products M[xi] = V[xi] U[xi] over all tiles, and Y = A^T M A. That is 16 multiply-adds per tile
 // and channel pair where the direct convolution needs 36 (2.25x fewer); the transforms are additions.
-// Measured on the 2-core EPYC against XLA's own convolution (YNNPACK): 1.2-1.9x faster over the
-// benchmark U-Net's 3x3 layers (512x768 32->32: 66 against 101 ms). Rounding differs from the
-// direct sum by ~1e-7 relative.
+// Faster than XLA's own convolution over the benchmark U-Net's 3x3 layers (benchmarks/README.md,
+// "Winograd F(2x2,3x3) handlers"). Rounding differs from the direct sum by ~1e-7 relative.
 //
 // The kernel gradient of the same convolution (WinogradKernelGradTiles) uses the same input transform.
 //
 // Tiles (flattened over n, row phase, tile row, tile column, column phase; TilePosition) are split
 // between threads and processed a block at a time, the block's transformed values tile-major, so
 // each tile's 16 are contiguous. Tile-major V also keeps the 16 output streams of the input
-// transform from mapping onto the same cache sets, which slowed a [xi][tile][c] layout 2-4x. Values
+// transform from mapping onto the same cache sets, which slowed a [xi][tile][c] layout. Values
 // are loaded and stored through Load/Store overloads rather than templates on the vector type: a
 // template argument would drop Vec's alignment attribute and the compiler would emit aligned
 // accesses to unaligned addresses.
@@ -272,9 +270,8 @@ struct WinogradGeometry {
 // column, column phase); its outputs are rows r, r + dh and columns s, s + dw. With the column phase
 // innermost, the dw tiles that follow each other together read and write a contiguous run of
 // columns, as undilated tiles do; with it outermost, successive tiles were 2*dw pixels apart and
-// each read every dw-th pixel, which made the dilation-4 layers of IMSAHLO's dense blocks ~25%
-// slower than undilated ones (2x512x768 64->16 forward: 90-100 against 72-83 ms after the change,
-// kernel gradient likewise).
+// each read every dw-th pixel, which made the dilation-4 layers of IMSAHLO's dense blocks slower
+// than undilated ones (forward and kernel gradient alike).
 struct TilePosition {
   int64_t n, r, s;
   TilePosition(const WinogradGeometry& geo, int64_t tile) {
@@ -323,9 +320,8 @@ void TransformInputTile(const WinogradGeometry& geo, const float* x, const float
 // Tiles per block: the block's transformed values (V and M, or V and W) in ~256 KB (the L2 cache)
 // for narrow layers; for wide ones, where U or the kernel gradient's sums S (16 Cin Cout floats,
 // streamed once per block) outgrow the caches, one tile per 512 of their floats per position, up to
-// 192 tiles. Measured on the 2-core EPYC: 12-tile blocks ran 64x96
-// 256->256 and 32x48 512->512 3-4x slower than 96-192, and 192 blocks ran 512x768 32->32 25% slower
-// than 64.
+// 192 tiles: much smaller blocks starved wide layers, and 192-tile blocks slowed narrow layers on
+// large maps (benchmarks/README.md, "Winograd F(2x2,3x3) handlers").
 constexpr int64_t kWinogradBlockFloats = 1 << 16;
 constexpr int64_t kWinogradMaxBlock = 192;
 

@@ -1,16 +1,15 @@
 """Host-memory policy for CPU runs: each step's temporaries reuse the pages the last step freed.
 
 XLA's CPU runtime allocates an executable's temporaries with malloc on every call and frees them
-afterwards (2.8 GB per training step of a 32-wide U-Net at 2x512x768, 7.5 GB for IMSAHLO). glibc
-serves blocks above 32 MiB with a fresh mmap and gives them back with munmap, so by default every
-step the kernel faults in and zeroes every page again: ~930k page faults and 2.5-3 s of system
-CPU time per such U-Net step on a 2-core machine.
+afterwards (gigabytes per training step at full image size). glibc serves blocks above 32 MiB with
+a fresh mmap and gives them back with munmap, so by default every step the kernel faults in and
+zeroes every page again, in system CPU time.
 
 The policy: glibc serves large blocks from its main heap and never trims it, and JAX runs
 single-device CPU computations on the calling thread, whose allocations come from that heap
 (a worker thread's own arena falls back to mmap for blocks this size whatever the limit says).
-Forcing every thread onto one arena would also work but slowed XLA's multi-threaded compilation:
-the `:quick` job took 129 s instead of 78 s.
+Forcing every thread onto one arena would also work but slowed XLA's multi-threaded compilation.
+Figures: benchmarks/README.md, "Host memory policy".
 """
 
 from __future__ import annotations
