@@ -5,13 +5,15 @@ overlapping patches (224, 448, 1000, 1500, 2000 px, 35 % overlap, patches withou
 pruned), SGD lr 0.01, momentum 0.9, weight decay 1e-4 with polynomial decay, 200 epochs; from
 epoch 150 class-conditional Gaussians over per-class embedding queues yield virtual outliers
 (100,000 drawn, 10,000 kept) and an uncertainty loss beta1 CE + beta2 Dice; loss weighting
-Balance, Norm or Pareto (MGDA). Segmentation loss 0.5 CE + 0.5 Dice with 2 softmax classes,
-as in TransUNet. Sliding-window inference with 224 px windows and 56 px overlap.
+Balance, Norm, eq. 18 or Pareto (MGDA). Segmentation loss CE + Dice over 2 softmax classes as in
+TransUNet (0.5 / 0.5 before the outliers start, 0.3 / 0.3 + 0.4 L_uncertainty after). Batch 24 as in
+the public code (the paper trains with 128 or 256). Sliding-window inference with 224 px windows
+and 56 px overlap.
 
 Arguments, comma-separated after the file name (``configs/morphoseg.py:quick,encoder=vit_b16``):
   quick              shrink to a CPU run of a few minutes (tiny transformer, 32 px crops)
-  encoder=NAME       r50_b16 (default, hybrid) | vit_b16 | r50_l16 | vit_l16
-  weighting=NAME     balance (default) | norm | pareto
+  encoder=NAME       r50_b16 (default, hybrid) | vit_b16 | r50_l16 | r50_l32 | vit_l16
+  weighting=NAME     balance (default) | norm | relative (eq. 18) | pareto (MGDA)
   data=NAME          folder (default; set --config.data.root) | synthetic
 """
 
@@ -20,9 +22,10 @@ import ml_collections
 from neuroseg_jax.data.config import default_data_config
 from neuroseg_jax.models import MODELS
 from neuroseg_jax.train.config import default_mesh_config, default_outlier_config, parse_config_arg
+from neuroseg_jax.train.step import WEIGHTINGS
 
 ENCODERS = {"r50_b16": "transunet_r50_b16", "vit_b16": "transunet_vit_b16",
-            "r50_l16": "transunet_r50_l16", "vit_l16": "transunet_vit_l16"}
+            "r50_l16": "transunet_r50_l16", "r50_l32": "transunet_r50_l32", "vit_l16": "transunet_vit_l16"}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -30,8 +33,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                   "data": "folder"})
     if args["encoder"] not in ENCODERS:
         raise ValueError(f"configs/morphoseg.py: unknown encoder={args['encoder']!r}; use one of {sorted(ENCODERS)}")
-    if args["weighting"] not in ("balance", "norm", "pareto"):
-        raise ValueError(f"configs/morphoseg.py: unknown weighting={args['weighting']!r}; use balance, norm or pareto")
+    if args["weighting"] not in WEIGHTINGS:
+        raise ValueError(f"configs/morphoseg.py: unknown weighting={args['weighting']!r}; use one of {WEIGHTINGS}")
     config = ml_collections.ConfigDict()
     config.seed = 0
 
@@ -51,19 +54,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         raise ValueError(f"configs/morphoseg.py: unknown data={args['data']!r}; use folder or synthetic")
 
     model_name = ENCODERS[args["encoder"]]
+    # conv: 'auto' (the fast CPU gradients of neuroseg_jax.ops.conv2d) or 'lax' (plain lax convolution).
     config.model = ml_collections.ConfigDict({
         "name": model_name, "num_classes": 2, "width": 64, "img_size": (224, 224), "input_channels": 3,
-        "resnet_units": (3, 4, 9), "n_skip": 3, "dropout_rate": 0.1, "dtype": "float32",
+        "resnet_units": (3, 4, 9), "n_skip": 3, "dropout_rate": 0.1, "dtype": "float32", "conv": "auto",
         **MODELS[model_name].defaults,
     })
 
+    # lambda_1 CE + lambda_2 Dice + beta L_uncertainty with weights adding up to 1: 0.3 / 0.3 / 0.4, and
+    # beta1 = beta2 = 0.5 inside L_uncertainty, give the public code's 0.3 / 0.3 / 0.2 / 0.2. Before the
+    # outliers start, balance rescales the active terms to 0.5 CE + 0.5 Dice (TransUNet's loss).
+    # TransUNet's Dice averages both classes, background included, with smoothing 1e-5.
     config.loss = ml_collections.ConfigDict({
-        "terms": {"bce": 0.5, "dice": 0.5},
-        "params": {"dice": {"include_background": False}},
+        "terms": {"bce": 0.3, "dice": 0.3},
+        "params": {"dice": {"include_background": True, "epsilon": 1e-5}},
         "weighting": args["weighting"],
+        "primary": "bce",  # weighting='relative' (eq. 18) scales Dice and L_uncertainty to CE
     })
     config.outliers = default_outlier_config()
     config.outliers.enabled = True
+    config.outliers.weight = 0.4
 
     config.optim = ml_collections.ConfigDict({
         "name": "sgd", "lr": 0.01, "weight_decay": 1e-4, "b1": 0.9, "b2": 0.999, "momentum": 0.9,

@@ -28,9 +28,10 @@ def test_quick_config_takes_one_finite_step(name, arg, dtype):
     assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(state.params))
     changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), before, jax.device_get(state.params))
     assert all(jax.tree.leaves(changed))
-    if config.loss.weighting == "pareto":
-        weights = [float(metrics[key]) for key in metrics if key.startswith("weight/")]
-        assert len(weights) == len(config.loss.terms) + 1 and abs(sum(weights) - 1) < 1e-3, weights
+    if config.loss.weighting == "pareto":  # MGDA's simplex weights, times each term's lambda
+        lambdas = {**config.loss.terms, "uncertainty": config.outliers.weight}
+        weights = [float(metrics[f"weight/{name}"]) / value for name, value in lambdas.items()]
+        assert abs(sum(weights) - 1) < 1e-3, weights
 
 
 @pytest.mark.parametrize("model", sorted(models.MODELS))
@@ -64,7 +65,7 @@ def test_imsahlo_defaults_are_the_papers():
     assert (config.loss.params.focal.gamma, config.loss.params.focal.alpha) == (3.0, 0.8)
 
 
-@pytest.mark.parametrize("weighting", ["balance", "norm", "pareto"])
+@pytest.mark.parametrize("weighting", ["balance", "norm", "relative", "pareto"])
 def test_morphoseg_defaults_are_the_papers(weighting):
     from configs import morphoseg
 

@@ -17,6 +17,7 @@ from neuroseg_jax.inference.predict import (
     overlay_image,
     predict_files,
     predict_image,
+    predictive_entropy,
 )
 from neuroseg_jax.inference.sliding import BLENDS, blend_weights, sliding_window, window_starts
 from neuroseg_jax.inference.tta import Augmentation, tta, tta_augmentations, tta_predict_fn
@@ -36,6 +37,7 @@ __all__ = [
     "postprocess",
     "predict_files",
     "predict_image",
+    "predictive_entropy",
     "remove_small_components",
     "score_image",
     "sliding_window",

@@ -6,6 +6,8 @@ For every input image `NAME.ext` the output folder receives
   NAME_labels.tif   instance labels (8-connected components of the mask), uint16 or uint32
   NAME_overlay.png  the image (gray or RGB) with cells tinted and their outlines drawn in red
   NAME_cells.csv    per-cell morphology (inference.postprocess.MORPHOLOGY_COLUMNS)
+  NAME_uncertainty.tif  per-pixel uncertainty, float32 (H, W): the predictive entropy in nats
+                    (`predictive_entropy`; unless uncertainty=False)
 and the folder gets `counts.csv` (one row per processed image: cell count and mean morphology)
 and `summary.json` (processed images, failures with their error message, settings).
 A file that cannot be read or predicted is reported (logged, listed in summary['failed']) and
@@ -105,6 +107,32 @@ def _write_png(path: Path, array: np.ndarray) -> None:
         raise OSError(f"could not write {path}")
 
 
+def predictive_entropy(probs: np.ndarray) -> np.ndarray:
+    """(H, W) entropy in nats of each pixel's predicted class distribution, from (H, W, K)
+    probabilities (K = 1: the sigmoid's two outcomes): 0 when certain, up to log(max(K, 2)).
+
+    Why this map: on tiny trained models (benchmarks/outlier_uncertainty.py) it scores artefacts
+    never seen in training above clean background in every run, with or without outlier synthesis,
+    and slightly above real cells; the Mahalanobis distance of the logits to the outlier buffers'
+    class Gaussians, the energy and VOS's learned logistic each failed in some run (confident
+    background lies far from its class mean, so Mahalanobis can score it above the artefacts).
+    """
+    probs = np.asarray(probs, dtype=np.float32)
+    if probs.ndim != 3:
+        raise ValueError(f"probabilities must be (H, W, K), got shape {probs.shape}")
+    if probs.shape[-1] == 1:
+        probs = np.concatenate([1.0 - probs, probs], axis=-1)
+    return -np.sum(probs * np.log(np.clip(probs, np.finfo(np.float32).tiny, None)), axis=-1)
+
+
+def _class_probabilities(predict_fn: PredictFn, image: np.ndarray, *, window, overlap, batch_size: int, blend: str,
+                         tta_n: int, brightness_shift: float) -> np.ndarray:
+    """(H, W, K) probabilities of one (H, W, C) image: sliding window, optional TTA."""
+    if tta_n > 1:
+        predict_fn = tta_predict_fn(predict_fn, n=tta_n, brightness_shift=brightness_shift)
+    return sliding_window(predict_fn, image, window=window, overlap=overlap, batch_size=batch_size, blend=blend)
+
+
 def predict_image(
     predict_fn: PredictFn,
     image: np.ndarray,
@@ -118,11 +146,9 @@ def predict_image(
 ) -> np.ndarray:
     """(H, W) foreground probability of one (H, W, C) image: sliding window, optional TTA
     (tta_n = 0 or 1 disables it)."""
-    if tta_n > 1:
-        predict_fn = tta_predict_fn(predict_fn, n=tta_n, brightness_shift=brightness_shift)
-    probs = sliding_window(predict_fn, image, window=window, overlap=overlap,
-                           batch_size=batch_size, blend=blend)
-    return foreground_probability(probs)
+    return foreground_probability(_class_probabilities(
+        predict_fn, image, window=window, overlap=overlap, batch_size=batch_size, blend=blend, tta_n=tta_n,
+        brightness_shift=brightness_shift))
 
 
 def predict_files(
@@ -140,6 +166,7 @@ def predict_files(
     read_options: Mapping | None = None,
     load_image: Callable[[Path], tuple[np.ndarray, tuple[int, int]]] | None = None,
     spacing: float = 1.0,
+    uncertainty: bool = True,
     progress: bool = True,
 ) -> dict:
     """Predict every image of `inputs` and write the outputs listed in the module docstring.
@@ -157,6 +184,8 @@ def predict_files(
         prediction is resized back to (H, W) before thresholding, so a model trained on resized
         images writes masks at the file's resolution. Default: `read_image(path, **read_options)`.
       spacing: pixel size for the morphology table.
+      uncertainty: write NAME_uncertainty.tif, the predictive entropy of the blended (and
+        test-time averaged) probabilities, at the file's resolution.
     Returns:
       dict(processed=[{name, path, count, outputs}], failed=[{path, error}], output_dir).
     """
@@ -182,12 +211,16 @@ def predict_files(
                 original_size = image.shape[:2]
             else:
                 image, original_size = load_image(path)
-            probability = predict_image(
+            probs = _class_probabilities(
                 predict_fn, image, window=window, overlap=overlap, batch_size=batch_size,
                 blend=blend, tta_n=tta_n, brightness_shift=brightness_shift)
+            probability = foreground_probability(probs)
+            uncertainty_map = predictive_entropy(probs) if uncertainty else None
             if probability.shape != tuple(original_size):
                 size_xy = (int(original_size[1]), int(original_size[0]))
                 probability = cv2.resize(probability, size_xy, interpolation=cv2.INTER_LINEAR)
+                if uncertainty_map is not None:
+                    uncertainty_map = cv2.resize(uncertainty_map, size_xy, interpolation=cv2.INTER_LINEAR)
                 image = cv2.resize(image, size_xy, interpolation=cv2.INTER_LINEAR).reshape(
                     tuple(original_size) + image.shape[2:])
             if postprocess is None:
@@ -204,6 +237,9 @@ def predict_files(
                 "overlay": output / f"{stem}_overlay.png",
                 "cells": output / f"{stem}_cells.csv",
             }
+            if uncertainty_map is not None:
+                outputs["uncertainty"] = output / f"{stem}_uncertainty.tif"
+                tifffile.imwrite(outputs["uncertainty"], uncertainty_map.astype(np.float32))
             tifffile.imwrite(outputs["probability"],
                              np.round(np.clip(probability, 0, 1) * 65535).astype(np.uint16))
             _write_png(outputs["mask"], mask.astype(np.uint8) * 255)
@@ -231,7 +267,7 @@ def predict_files(
         "settings": {"window": list(np.atleast_1d(window).tolist()),
                      "overlap": list(np.atleast_1d(overlap).tolist()), "blend": blend,
                      "tta_n": tta_n, "postprocess": dict(postprocess) if postprocess else None,
-                     "read_options": read_options, "spacing": spacing},
+                     "read_options": read_options, "spacing": spacing, "uncertainty": uncertainty},
     }
     with open(output / "summary.json", "w") as handle:
         json.dump(summary, handle, indent=2)

@@ -13,6 +13,7 @@ Submodules: ``overlap`` (Dice, Tversky, focal Tversky), ``pixelwise`` (BCE/CE, f
 """
 
 from neuroseg_jax.losses import outliers, weighting
+from neuroseg_jax.losses._common import probabilities
 from neuroseg_jax.losses.boundary import boundary_loss, contour_map, contour_weights, erode
 from neuroseg_jax.losses.hybrid import (IMSAHLO_ABLATIONS, IMSAHLO_PARAMS, IMSAHLO_WEIGHTS, LOSS_TERMS,
                                         hybrid_loss)
@@ -24,6 +25,7 @@ from neuroseg_jax.losses.topology import (cldice_loss, dice_cldice_loss, soft_di
 __all__ = [
     "IMSAHLO_ABLATIONS", "IMSAHLO_PARAMS", "IMSAHLO_WEIGHTS", "LOSS_TERMS",
     "bce_loss", "boundary_loss", "cldice_loss", "contour_map", "contour_weights", "dice_cldice_loss",
-    "dice_loss", "erode", "focal_loss", "focal_tversky_loss", "hybrid_loss", "outliers", "soft_dilate",
+    "dice_loss", "erode", "focal_loss", "focal_tversky_loss", "hybrid_loss", "outliers", "probabilities",
+    "soft_dilate",
     "soft_erode", "soft_skeleton", "tversky_index", "tversky_loss", "weighting",
 ]

@@ -7,22 +7,44 @@ What is implemented (the paper's method):
    the jitted step with :func:`update_buffers` (fixed shapes: at most ``max_per_class`` new entries per
    class and step, chosen at random among that class's valid pixels; the oldest entries are overwritten).
 2. Class means and one covariance shared by all classes (MorphoSeg eqs. 6-8, 1/N normalisation) plus a
-   ridge term on the diagonal: :func:`class_gaussians`.
+   ridge on the diagonal that is relative (``ridge`` times the mean variance), so logits and wide
+   feature embeddings of any scale are regularised alike: :func:`class_gaussians`. Where float32
+   Cholesky still fails, the eigenvalues are clipped instead, inside jit, so sampling never yields NaN.
 3. For every class k, ``num_candidates`` draws v ~ N(mu_k, Sigma); the ``num_selected`` with the lowest
    likelihood are kept (eq. 9 with epsilon set implicitly by the count, as in VOS):
-   :func:`sample_outliers`. With Sigma = L L^T and v = mu_k + L z the likelihood decreases with
+   :func:`sample_outliers`. With Sigma = A A^T and v = mu_k + A z the likelihood decreases with
    |z|^2, so selection is a top-k on |z|^2 and costs O(N D) per class.
 4. The uncertainty-enhanced output f_out (:func:`synthesize_output`): the outliers of class k are placed
    at randomly chosen valid pixels whose ground truth is k (the pixels "they were sampled for"), at most
-   one outlier per pixel. ``placement='replace'`` puts the outlier vector in place of the pixel's logits
-   (the paper's reading; those pixels then pass no gradient to the model, which learns from the other
-   pixels' CE and from the Dice ratio that now includes the outliers); ``placement='shift'`` adds the
-   offset v - mu_k to the pixel's logits, which keeps the gradient through those pixels (the model must
-   stay right even when pushed to the edge of its class distribution). Embeddings must be per pixel at
-   label resolution; embeddings of another width than K need ``head_fn`` mapping (..., D) -> (..., K).
+   one outlier per pixel. Embeddings must be per pixel at label resolution; embeddings of another
+   width than K need ``head_fn`` mapping (..., D) -> (..., K).
 5. L_uncertainty = beta1 * CE(f_out, y) + beta2 * Dice(f_out, y) (eqs. 13-15): :func:`uncertainty_loss`.
    Also the original VOS energy regulariser (:func:`vos_energy_loss`): a logistic regression on the
-   negative free energy separating inlier pixels (label 1) from outliers (label 0).
+   negative free energy separating inlier pixels (label 1) from outliers (label 0), whose weight and
+   bias are trained with the model (:func:`init_energy_params`; the train state keeps them in
+   ``params['vos_energy']``).
+
+Where the outliers enter f_out (``placement``). The paper integrates the outliers into s(x) to give
+f_out, to refine the decision boundary of each class (§3.2), and adds L_uncertainty on f_out to L_seg
+(eq. 16), so L_uncertainty should ask something of the model that L_seg does not. Two readings:
+
+- 'replace' (the public code's): the outlier vector takes the place of its pixel's logits. Those
+  pixels then depend on no parameter, so the gradient of L_uncertainty comes from the other pixels,
+  i.e. it is L_seg again: at MorphoSeg's sizes (1.7 % of the pixels replaced) its gradient with
+  respect to the logits has cosine 0.77-0.95 with L_seg's (benchmarks/outlier_gradients.py).
+- 'shift' (the default): the offset v - mu_k is added to the pixel's logits and L_uncertainty is taken
+  over those pixels only. It is a margin term: a pixel pushed to the low-likelihood edge of its class
+  distribution must still be classified as its class, which L_seg never asks of pixels it already
+  gets right. Its CE and Dice see f_out in units of the logits' spread s (sqrt of the mean variance
+  of the batch's logits about their class means): the offsets grow with the spread they are drawn
+  from (the buffers hold the same logits), and since each class's distribution reaches the decision
+  boundary through its border pixels, some shifted pixels always cross it. In raw logits their CE grows with the logit scale and keeps pushing margins outwards,
+  which widens the distribution and the next offsets: on configs/morphoseg.py:quick (seed 1) the
+  logits ran to +-150 and L_seg's CE from 0.1 to 6 within 1000 steps. In units of s the term does not change when the model
+  scales its logits, so only a better-shaped distribution (compact, separated classes) lowers it.
+  On the pixels it touches, its gradient has cosine 0.52 with L_seg's for a fitted model (L_seg
+  restricted to the same pixels: 0.99), 0.67 mid-training and 0.89 at initialisation, where every
+  pixel is uncertain anyway (MorphoSeg starts the term at epoch 150 of 200).
 
 Differences from MorphoSeg's public code (trainer_vos.py), which this module does not follow: the
 public code fits a single Gaussian to all pixels of the current batch (no class-conditional queues,
@@ -30,6 +52,10 @@ per-channel means), replaces pixels drawn at random over the whole batch regardl
 its "Pareto" weighting re-creates its weights every step, so it is an unweighted sum (a no-op). Here
 queues are per class, the covariance is shared across classes, outliers go to pixels of their own
 class, and Pareto weighting is real MGDA (:mod:`neuroseg_jax.losses.weighting`).
+
+Prediction does not use the buffers: the Mahalanobis distance of a pixel's logits to these class
+Gaussians flags confident background rather than unseen artefacts, so the uncertainty map is the
+predictive entropy (:func:`neuroseg_jax.inference.predictive_entropy`).
 
 Train step (inside jit; buffers live in the train state, replicated across devices):
 
@@ -42,7 +68,7 @@ All shapes are static, so every function is jittable and works on sharded inputs
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from typing import Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -136,38 +162,68 @@ def update_buffers(buffers: OutlierBuffers, embeddings: jax.Array, labels: jax.A
     return OutlierBuffers(features=features, count=filled, ptr=ptr)
 
 
+# Covariance scale of a buffer without spread (every entry equal): keeps the ridge, and so the
+# factor and the log-likelihoods, finite where the relative ridge alone would be 0.
+_SCALE_FLOOR = 1e-12
+
+
 def class_gaussians(buffers: OutlierBuffers, ridge: float = 1e-4) -> tuple[jax.Array, jax.Array]:
     """Class means (C, D) and shared covariance (D, D) of the buffered embeddings (MorphoSeg eqs. 7-8).
 
-    Sigma = (1/N) sum_k sum_{i in Q_k} (x_i - mu_k)(x_i - mu_k)^T + ridge * I, N the total number of
-    buffered entries; empty classes get mean 0 and contribute nothing.
+    Sigma = S + ridge * s * I with S = (1/N) sum_k sum_{i in Q_k} (x_i - mu_k)(x_i - mu_k)^T, N the total
+    number of buffered entries, and s the mean diagonal of S (at least 1e-12): the ridge is relative,
+    so it regularises logits and wide feature embeddings of any scale alike. Empty classes get mean 0
+    and contribute nothing.
     """
+    if not ridge > 0:
+        raise ValueError(f"ridge must be > 0 (it is relative to the mean variance); got {ridge}")
     num_classes, size, dim = buffers.features.shape
     filled = (jnp.arange(size)[None, :] < buffers.count[:, None]).astype(jnp.float32)[..., None]
     counts = buffers.count.astype(jnp.float32)
     means = jnp.sum(buffers.features * filled, axis=1) / jnp.maximum(counts, 1.0)[:, None]
     centred = (buffers.features - means[:, None, :]) * filled
-    covariance = jnp.einsum("ksd,kse->de", centred, centred) / jnp.maximum(jnp.sum(counts), 1.0)
-    return means, covariance + ridge * jnp.eye(dim, dtype=jnp.float32)
+    scatter = jnp.einsum("ksd,kse->de", centred, centred) / jnp.maximum(jnp.sum(counts), 1.0)
+    scale = jnp.maximum(jnp.mean(jnp.diagonal(scatter)), _SCALE_FLOOR)
+    return means, scatter + ridge * scale * jnp.eye(dim, dtype=jnp.float32)
+
+
+def _square_root(covariance: jax.Array, ridge: float) -> tuple[jax.Array, jax.Array]:
+    """(A with Sigma = A A^T, log |Sigma|): the Cholesky factor, or where float32 Cholesky fails (it
+    returns NaN on a matrix that rounding made indefinite, e.g. wide embeddings with fewer entries
+    than dimensions and a small ridge) an eigendecomposition with the eigenvalues clipped to
+    ridge * (mean variance). Any square root serves: v = mu + A z has Mahalanobis distance |z|."""
+    cholesky = jnp.linalg.cholesky(covariance)
+
+    def from_cholesky(_):
+        return cholesky, 2.0 * jnp.sum(jnp.log(jnp.diagonal(cholesky)))
+
+    def from_eigenvalues(_):
+        values, vectors = jnp.linalg.eigh(0.5 * (covariance + covariance.T))
+        values = jnp.maximum(values, ridge * jnp.maximum(jnp.mean(jnp.diagonal(covariance)), _SCALE_FLOOR))
+        return vectors * jnp.sqrt(values), jnp.sum(jnp.log(values))
+
+    factored = jnp.all(jnp.isfinite(cholesky)) & jnp.all(jnp.diagonal(cholesky) > 0)
+    return jax.lax.cond(factored, from_cholesky, from_eigenvalues, None)
 
 
 def sample_outliers(buffers: OutlierBuffers, rng: jax.Array, *, num_candidates: int = 100_000,
                     num_selected: int = 10_000, ridge: float = 1e-4) -> Outliers:
     """Draws ``num_candidates`` per class from N(mu_k, Sigma) and keeps the ``num_selected`` least likely.
 
-    Source: MorphoSeg eq. 9 / VOS. Returns :class:`Outliers` with samples (C, M, D).
+    Source: MorphoSeg eq. 9 / VOS. Returns :class:`Outliers` with samples (C, M, D). Degenerate buffers
+    (rank-deficient, constant, wider than they are long) give finite samples and log-likelihoods
+    too (see :func:`_square_root`).
     """
     if not 1 <= num_selected <= num_candidates:
         raise ValueError(f"need 1 <= num_selected <= num_candidates; got {num_selected}, {num_candidates}")
     num_classes, _, dim = buffers.features.shape
     means, covariance = class_gaussians(buffers, ridge)
-    cholesky = jnp.linalg.cholesky(covariance)
+    factor, log_det = _square_root(covariance, ridge)
     normal = jax.random.normal(rng, (num_classes, num_candidates, dim), jnp.float32)
     squared_distance = jnp.sum(normal * normal, axis=-1)
     farthest, index = jax.lax.top_k(squared_distance, num_selected)
     chosen = jnp.take_along_axis(normal, index[..., None], axis=1)
-    samples = means[:, None, :] + chosen @ cholesky.T
-    log_det = 2.0 * jnp.sum(jnp.log(jnp.diagonal(cholesky)))
+    samples = means[:, None, :] + chosen @ factor.T
     log_likelihood = -0.5 * (farthest + dim * math.log(2.0 * math.pi) + log_det)
     return Outliers(samples=samples, log_likelihood=log_likelihood, means=means, valid=buffers.count >= 2)
 
@@ -184,7 +240,7 @@ def _outlier_logits(outliers: Outliers, num_logits: int,
 
 
 def synthesize_output(logits: jax.Array, labels: jax.Array, outliers: Outliers, rng: jax.Array, *,
-                      placement: str = "replace", head_fn: Callable[[jax.Array], jax.Array] | None = None,
+                      placement: str = "shift", head_fn: Callable[[jax.Array], jax.Array] | None = None,
                       mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Uncertainty-enhanced output f_out: outliers of class k placed at random valid pixels of class k.
 
@@ -192,7 +248,7 @@ def synthesize_output(logits: jax.Array, labels: jax.Array, outliers: Outliers, 
       logits: (B, H, W, K) float; labels: (B, H, W) int; mask: optional (B, H, W).
       outliers: from :func:`sample_outliers` with C = max(K, 2) classes.
       rng: key choosing the pixels.
-      placement: 'replace' (pixel logits := outlier logits) or 'shift' (pixel logits += outlier - mean).
+      placement: 'shift' (pixel logits += outlier - class mean) or 'replace' (pixel logits := outlier).
       head_fn: maps (..., D) embeddings to (..., K) logits when D != K.
 
     Returns:
@@ -230,17 +286,33 @@ def synthesize_output(logits: jax.Array, labels: jax.Array, outliers: Outliers, 
     return synthetic.reshape(logits.shape), placed.reshape(batch_shape)
 
 
+def _logit_spread(logits: jax.Array, labels: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """sqrt of the mean variance of the valid pixels' logits about their class means (gradient stopped)."""
+    logits = jax.lax.stop_gradient(logits.astype(jnp.float32))
+    weights = valid_weights(mask, labels)[..., None]
+    member = jax.nn.one_hot(class_indices(labels, logits.shape[-1]), max(logits.shape[-1], 2)) * weights
+    means = jnp.einsum("bhwc,bhwk->ck", member, logits) / jnp.maximum(jnp.sum(member, (0, 1, 2)), 1.0)[:, None]
+    centred = (logits - jnp.einsum("bhwc,ck->bhwk", member, means)) * weights
+    variance = jnp.sum(centred * centred) / jnp.maximum(jnp.sum(weights) * logits.shape[-1], 1.0)
+    return jnp.sqrt(jnp.maximum(variance, _SCALE_FLOOR))
+
+
 def uncertainty_loss(logits: jax.Array, labels: jax.Array, outliers: Outliers, rng: jax.Array, *,
-                     beta1: float = 1.0, beta2: float = 1.0, placement: str = "replace",
+                     beta1: float = 1.0, beta2: float = 1.0, placement: str = "shift",
                      head_fn: Callable[[jax.Array], jax.Array] | None = None,
                      mask: jax.Array | None = None) -> jax.Array:
     """L_uncertainty = beta1 * CE(f_out, y) + beta2 * Dice(f_out, y) (MorphoSeg eqs. 13-15).
 
     f_out comes from :func:`synthesize_output`; CE is :func:`neuroseg_jax.losses.bce_loss` (eq. 14) and
-    Dice the squared-denominator :func:`neuroseg_jax.losses.dice_loss` (eq. 13), both over valid pixels.
+    Dice the squared-denominator :func:`neuroseg_jax.losses.dice_loss` (eq. 13). With 'shift' both are
+    taken over the pixels that received an outlier, on f_out divided by the spread of the logits about
+    their class means (a margin term in units of that spread: see the module docstring); with
+    'replace' over all valid pixels, since the replaced pixels alone carry no gradient.
     """
-    synthetic, _ = synthesize_output(logits, labels, outliers, rng, placement=placement, head_fn=head_fn,
-                                     mask=mask)
+    synthetic, placed = synthesize_output(logits, labels, outliers, rng, placement=placement, head_fn=head_fn,
+                                          mask=mask)
+    if placement == "shift":
+        synthetic, mask = synthetic / _logit_spread(logits, labels, mask), placed
     return beta1 * bce_loss(synthetic, labels, mask=mask) + beta2 * dice_loss(synthetic, labels, mask=mask)
 
 
@@ -281,11 +353,17 @@ def vos_energy_loss(logits: jax.Array, outliers: Outliers, *, weight: float | ja
     return inlier_term + outlier_term
 
 
+def init_energy_params() -> dict[str, jax.Array]:
+    """Initial logistic of :func:`vos_energy_loss` (weight 1, bias 0), trained with the model's params."""
+    return {"weight": jnp.ones((), jnp.float32), "bias": jnp.zeros((), jnp.float32)}
+
+
 def outlier_regularizer(buffers: OutlierBuffers, logits: jax.Array, labels: jax.Array, rng: jax.Array, *,
                         step: jax.Array | int, start_step: int = 0, embeddings: jax.Array | None = None,
                         max_per_class: int | None = None, num_candidates: int = 100_000,
                         num_selected: int = 10_000, ridge: float = 1e-4, beta1: float = 1.0,
-                        beta2: float = 1.0, variant: str = "uncertainty", placement: str = "replace",
+                        beta2: float = 1.0, variant: str = "uncertainty", placement: str = "shift",
+                        energy_params: Mapping[str, jax.Array] | None = None,
                         head_fn: Callable[[jax.Array], jax.Array] | None = None,
                         mask: jax.Array | None = None) -> tuple[jax.Array, OutlierBuffers]:
     """One train-step of outlier synthesis: enqueue this batch, then (from ``start_step``) sample and score.
@@ -299,6 +377,8 @@ def outlier_regularizer(buffers: OutlierBuffers, logits: jax.Array, labels: jax.
         (``lax.cond``), but queues are still filled.
       embeddings: (B, H, W, D) embeddings to enqueue; default the logits themselves.
       variant: 'uncertainty' (MorphoSeg eq. 15, needs beta1/beta2/placement) or 'vos' (energy loss).
+      energy_params: {'weight', 'bias'} of the VOS logistic (differentiated: keep them in the params,
+        see :func:`init_energy_params`); None uses the initial values. Unused by 'uncertainty'.
 
     Returns:
       (loss float32 scalar, updated buffers).
@@ -310,13 +390,15 @@ def outlier_regularizer(buffers: OutlierBuffers, logits: jax.Array, labels: jax.
     source = logits if embeddings is None else embeddings
     buffers = update_buffers(buffers, source, class_indices(labels, logits.shape[-1]), enqueue_rng,
                              max_per_class=max_per_class, mask=mask)
+    energy = init_energy_params() if energy_params is None else energy_params
 
     def active(_):
         outliers = sample_outliers(buffers, sample_rng, num_candidates=num_candidates,
                                    num_selected=num_selected, ridge=ridge)
         outliers = jax.tree_util.tree_map(jax.lax.stop_gradient, outliers)
         if variant == "vos":
-            return vos_energy_loss(logits, outliers, head_fn=head_fn, mask=mask)
+            return vos_energy_loss(logits, outliers, weight=energy["weight"], bias=energy["bias"], head_fn=head_fn,
+                                   mask=mask)
         return uncertainty_loss(logits, labels, outliers, place_rng, beta1=beta1, beta2=beta2,
                                 placement=placement, head_fn=head_fn, mask=mask)
 

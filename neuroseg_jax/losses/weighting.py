@@ -1,8 +1,10 @@
-"""Combining several loss terms: Balance, Norm and Pareto (MGDA) weighting (MorphoSeg §5.4).
+"""Combining several loss terms: Balance, Norm, Relative and Pareto (MGDA) weighting (MorphoSeg §5.4).
 
 - :func:`balance`: fixed weights (MorphoSeg "Original Balancing"; equal weights by default).
-- :func:`norm`: each term divided by its own stop-gradient magnitude, sum_i L_i / (|L_i| + eps)
-  (MorphoSeg eq. 17): every term contributes value ~1 and a gradient of relative size.
+- :func:`norm`: each term divided by its own stop-gradient magnitude, sum_i w_i L_i / (|L_i| + eps)
+  (MorphoSeg eq. 17): every term contributes value ~w_i and a gradient of relative size.
+- :func:`relative`: MorphoSeg eq. 18 (which the paper calls L_pareto): the primary term as it is, every
+  other term rescaled to the primary's magnitude, L_p + sum_i L_i |L_p| / |L_i|.
 - :func:`pareto`: the multiple-gradient descent algorithm (MGDA) of Sener & Koltun 2018: weights
   w on the simplex minimising |sum_i w_i g_i|^2 for the per-term gradients g_i, computed from their
   Gram matrix: closed form for two terms (their Alg. 1), Frank-Wolfe for more (their Alg. 2). The
@@ -13,6 +15,12 @@ From a train step, either compute per-term gradients yourself and call :func:`pa
 :func:`mgda_weights`, or wrap a function returning the terms with :func:`pareto_value_and_grad`, which
 does one forward pass, one reverse pass per term (``jax.jacrev``) and returns the combined gradient.
 Everything is jittable; the number of terms is static.
+
+Terms that are not active yet (MorphoSeg's uncertainty term before its start epoch is a constant 0 with
+a zero gradient) must not take part in any weighting: MGDA's min-norm point would be that zero
+gradient, and fixed weights would shrink the step of the active terms. Every function takes
+``active``, a mapping from term name to a (traced) boolean; inactive terms get weight 0, and the
+remaining weights are those the active terms would get on their own.
 """
 
 from __future__ import annotations
@@ -25,9 +33,28 @@ import jax.numpy as jnp
 PyTree = Any
 
 
-def balance(losses: Mapping[str, jax.Array],
-            weights: Mapping[str, float] | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Fixed-weight sum sum_i w_i L_i; weights default to 1/n each. Returns (total, weights used)."""
+def _active_mask(names: Sequence[str], active: Mapping[str, jax.Array] | None) -> jax.Array:
+    """(n,) bool: which of ``names`` take part (all where ``active`` is None or does not name them)."""
+    if active is None:
+        return jnp.ones((len(names),), bool)
+    unknown = sorted(set(active) - set(names))
+    if unknown:
+        raise ValueError(f"active names term(s) {unknown} that are not loss terms {sorted(names)}")
+    return jnp.stack([jnp.asarray(active.get(name, True), bool) for name in names])
+
+
+def _weighted_sum(losses: Mapping[str, jax.Array], used: Mapping[str, jax.Array]) -> jax.Array:
+    return sum(used[name] * jnp.asarray(value, jnp.float32) for name, value in losses.items())
+
+
+def balance(losses: Mapping[str, jax.Array], weights: Mapping[str, float] | None = None, *,
+            active: Mapping[str, jax.Array] | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Fixed-weight sum sum_i w_i L_i; weights default to 1/n each. Returns (total, weights used).
+
+    With inactive terms the active weights are scaled by sum_i w_i / sum_{i active} w_i, so the
+    weights in use always add up to the configured total and the step size does not jump when a
+    term starts.
+    """
     if not losses:
         raise ValueError("balance needs at least one loss term")
     if weights is None:
@@ -35,22 +62,54 @@ def balance(losses: Mapping[str, jax.Array],
     missing = sorted(set(losses) - set(weights))
     if missing:
         raise ValueError(f"balance weights missing for term(s) {missing}; given {sorted(weights)}")
-    used = {name: jnp.asarray(weights[name], jnp.float32) for name in losses}
-    total = sum(used[name] * jnp.asarray(value, jnp.float32) for name, value in losses.items())
-    return total, used
+    names = list(losses)
+    on = _active_mask(names, active).astype(jnp.float32)
+    configured = jnp.asarray([weights[name] for name in names], jnp.float32)
+    kept = configured * on
+    scaled = kept * jnp.sum(configured) / jnp.maximum(jnp.sum(kept), 1e-12)
+    used = {name: scaled[i] for i, name in enumerate(names)}
+    return _weighted_sum(losses, used), used
 
 
-def norm(losses: Mapping[str, jax.Array], *, epsilon: float = 1e-8) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Normalised sum sum_i L_i / (stop_gradient(|L_i|) + eps) (MorphoSeg eq. 17, eps inside the ratio).
+def norm(losses: Mapping[str, jax.Array], weights: Mapping[str, float] | None = None, *, epsilon: float = 1e-8,
+         active: Mapping[str, jax.Array] | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Normalised sum sum_i w_i L_i / (stop_gradient(|L_i|) + eps) (MorphoSeg eq. 17, eps inside the ratio).
 
-    Returns (total, effective weights 1 / (|L_i| + eps)).
+    ``weights`` (default 1) scale the normalised terms. Returns (total, effective weights w_i / (|L_i| + eps)).
     """
     if not losses:
         raise ValueError("norm needs at least one loss term")
-    used = {name: 1.0 / (jax.lax.stop_gradient(jnp.abs(jnp.asarray(value, jnp.float32))) + epsilon)
-            for name, value in losses.items()}
-    total = sum(used[name] * jnp.asarray(value, jnp.float32) for name, value in losses.items())
-    return total, used
+    names = list(losses)
+    on = _active_mask(names, active)
+    used = {}
+    for i, name in enumerate(names):
+        magnitude = jax.lax.stop_gradient(jnp.abs(jnp.asarray(losses[name], jnp.float32)))
+        scale = 1.0 if weights is None else weights[name]
+        used[name] = jnp.where(on[i], scale / (magnitude + epsilon), 0.0)
+    return _weighted_sum(losses, used), used
+
+
+def relative(losses: Mapping[str, jax.Array], weights: Mapping[str, float] | None = None, *, primary: str,
+             epsilon: float = 1e-8,
+             active: Mapping[str, jax.Array] | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """MorphoSeg eq. 18: L_p + sum_{i != p} L_i / |L_i / L_p| (magnitudes taken with stop_gradient).
+
+    Every other term is brought to the primary term's magnitude, so each pulls as hard as the primary
+    does whatever its own scale. ``weights`` (default 1) multiply the terms, the primary included.
+    Returns (total, effective weights).
+    """
+    if primary not in losses:
+        raise ValueError(f"relative weighting: primary term {primary!r} is not among {sorted(losses)}")
+    names = list(losses)
+    on = _active_mask(names, active)
+    magnitude = {name: jax.lax.stop_gradient(jnp.abs(jnp.asarray(value, jnp.float32)))
+                 for name, value in losses.items()}
+    used = {}
+    for i, name in enumerate(names):
+        scale = 1.0 if weights is None else weights[name]
+        ratio = 1.0 if name == primary else magnitude[primary] / (magnitude[name] + epsilon)
+        used[name] = jnp.where(on[i], scale * ratio, 0.0)
+    return _weighted_sum(losses, used), used
 
 
 def gram_matrix(grads: Sequence[PyTree]) -> jax.Array:
@@ -73,18 +132,21 @@ def min_norm_two(gram: jax.Array) -> jax.Array:
     return jnp.stack([gamma, 1.0 - gamma])
 
 
-def min_norm_frank_wolfe(gram: jax.Array, *, max_iter: int = 50) -> jax.Array:
+def min_norm_frank_wolfe(gram: jax.Array, *, max_iter: int = 50, active: jax.Array | None = None) -> jax.Array:
     """Min-norm point of the convex hull of n gradients by Frank-Wolfe (Sener & Koltun 2018, Alg. 2).
 
-    Starts from uniform weights; each iteration moves toward the vertex e_t with the smallest
-    (G w)_t using the exact line search of the two-point problem. Fixed iteration count (jittable).
+    Starts from uniform weights over the ``active`` gradients ((n,) bool, default all); each
+    iteration moves toward the active vertex e_t with the smallest (G w)_t using the exact line
+    search of the two-point problem, so inactive gradients keep weight 0. Fixed iteration count
+    (jittable).
     """
     count = gram.shape[0]
-    weights = jnp.full((count,), 1.0 / count, jnp.float32)
+    on = jnp.ones((count,), bool) if active is None else active
+    weights = on.astype(jnp.float32) / jnp.maximum(jnp.sum(on), 1)
 
     def step(_, weights):
         gw = gram @ weights
-        target = jnp.argmin(gw)
+        target = jnp.argmin(jnp.where(on, gw, jnp.inf))
         a = weights @ gw  # |v|^2 for the current point v = sum w g
         b = gw[target]  # <v, g_t>
         c = gram[target, target]  # |g_t|^2
@@ -97,7 +159,8 @@ def min_norm_frank_wolfe(gram: jax.Array, *, max_iter: int = 50) -> jax.Array:
 
 
 def mgda_weights(grads: Sequence[PyTree], *, normalize: str | None = None,
-                 losses: Sequence[jax.Array] | None = None, max_iter: int = 50) -> jax.Array:
+                 losses: Sequence[jax.Array] | None = None, max_iter: int = 50,
+                 active: jax.Array | None = None) -> jax.Array:
     """MGDA simplex weights (n,) for n per-term gradient pytrees (Sener & Koltun 2018).
 
     Args:
@@ -106,6 +169,7 @@ def mgda_weights(grads: Sequence[PyTree], *, normalize: str | None = None,
         normalisations of Sener & Koltun §3.3. The returned weights apply to the normalised gradients;
         :func:`pareto` folds the scale into the weights of the raw terms.
       max_iter: Frank-Wolfe iterations for n > 2.
+      active: optional (n,) bool; inactive gradients get weight 0 and the others share the simplex.
     """
     if len(grads) < 1:
         raise ValueError("mgda_weights needs at least one gradient")
@@ -115,8 +179,12 @@ def mgda_weights(grads: Sequence[PyTree], *, normalize: str | None = None,
     if len(grads) == 1:
         return jnp.ones((1,), jnp.float32)
     if len(grads) == 2:
-        return min_norm_two(gram)
-    return min_norm_frank_wolfe(gram, max_iter=max_iter)
+        weights = min_norm_two(gram)
+        if active is None:
+            return weights
+        # With one of the two inactive, the other takes all the weight.
+        return jnp.where(jnp.all(active), weights, active.astype(jnp.float32) / jnp.maximum(jnp.sum(active), 1))
+    return min_norm_frank_wolfe(gram, max_iter=max_iter, active=active)
 
 
 def _normalization(gram: jax.Array, normalize: str | None, losses: Sequence[jax.Array] | None) -> jax.Array:
@@ -133,7 +201,8 @@ def _normalization(gram: jax.Array, normalize: str | None, losses: Sequence[jax.
 
 
 def pareto(losses: Mapping[str, jax.Array], grads: Mapping[str, PyTree], *, normalize: str | None = None,
-           max_iter: int = 50) -> tuple[jax.Array, dict[str, jax.Array]]:
+           max_iter: int = 50,
+           active: Mapping[str, jax.Array] | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """MGDA-weighted sum of loss terms: total = sum_i stop_gradient(w_i) L_i.
 
     The weights are the min-norm weights of the per-term gradients ``grads[name]`` (same keys as
@@ -145,12 +214,12 @@ def pareto(losses: Mapping[str, jax.Array], grads: Mapping[str, PyTree], *, norm
         raise ValueError(f"pareto needs gradients for exactly the loss terms {sorted(names)}; got {sorted(grads)}")
     grad_list = [grads[name] for name in names]
     loss_list = [losses[name] for name in names]
-    raw = mgda_weights(grad_list, normalize=normalize, losses=loss_list, max_iter=max_iter)
+    raw = mgda_weights(grad_list, normalize=normalize, losses=loss_list, max_iter=max_iter,
+                       active=_active_mask(names, active))
     scale = _normalization(gram_matrix(grad_list), normalize, loss_list)
     weights = jax.lax.stop_gradient(raw / scale)
     used = {name: weights[i] for i, name in enumerate(names)}
-    total = sum(used[name] * jnp.asarray(losses[name], jnp.float32) for name in names)
-    return total, used
+    return _weighted_sum(losses, used), used
 
 
 def combine_grads(grads: Sequence[PyTree], weights: jax.Array) -> PyTree:
@@ -159,12 +228,13 @@ def combine_grads(grads: Sequence[PyTree], weights: jax.Array) -> PyTree:
 
 
 def pareto_value_and_grad(terms_fn: Callable[..., Mapping[str, jax.Array]], *, normalize: str | None = None,
-                          max_iter: int = 50, has_aux: bool = False) -> Callable[..., tuple]:
+                          max_iter: int = 50, has_aux: bool = False,
+                          active: Mapping[str, jax.Array] | None = None) -> Callable[..., tuple]:
     """Wraps ``terms_fn(params, *args) -> {name: scalar}`` (or (terms, aux) with has_aux) for a train step.
 
     Returns ``fn(params, *args) -> ((total, terms, weights[, aux]), grads)`` where grads is the MGDA-
-    combined gradient sum_i w_i dL_i/dparams and total = sum_i w_i L_i. One forward pass and one
-    reverse pass per term (``jax.jacrev``).
+    combined gradient sum_i w_i dL_i/dparams over the ``active`` terms and total = sum_i w_i L_i. One
+    forward pass and one reverse pass per term (``jax.jacrev``).
     """
     def wrapped(params: PyTree, *args: Any) -> tuple:
         def stacked(p):
@@ -177,7 +247,7 @@ def pareto_value_and_grad(terms_fn: Callable[..., Mapping[str, jax.Array]], *, n
         names = sorted(terms)
         grad_list = [jax.tree_util.tree_map(lambda leaf, i=i: leaf[i], jacobian) for i in range(len(names))]
         total, weights = pareto({n: terms[n] for n in names}, dict(zip(names, grad_list)),
-                                normalize=normalize, max_iter=max_iter)
+                                normalize=normalize, max_iter=max_iter, active=active)
         grads = combine_grads(grad_list, jnp.stack([weights[n] for n in names]))
         values = (total, dict(terms), weights) + ((aux,) if has_aux else ())
         return values, grads

@@ -41,12 +41,19 @@ def default_outlier_config() -> ml_collections.ConfigDict:
         "max_per_class": 100,  # new embeddings per class and step
         "num_candidates": 100_000,  # drawn per class from N(mu_k, Sigma)
         "num_selected": 10_000,  # lowest-likelihood candidates kept
-        "ridge": 1e-4,  # added to the diagonal of the shared covariance
+        # Relative: ridge * (mean variance) is added to the diagonal of the shared covariance, so it
+        # regularises logits and wide embeddings of any scale alike (> 0).
+        "ridge": 1e-4,
         "beta1": 0.5,  # weight of CE on the uncertainty-enhanced output
         "beta2": 0.5,  # weight of Dice on the uncertainty-enhanced output
         "weight": 1.0,  # beta of lambda L_seg + beta L_uncertainty (before config.loss.weighting)
-        "variant": "uncertainty",  # 'uncertainty' (MorphoSeg eq. 15) or 'vos' (energy logistic loss)
-        "placement": "replace",  # outliers replace the logits of their pixels, or 'shift' them
+        # 'uncertainty' (MorphoSeg eq. 15) or 'vos' (energy logistic loss; its weight and bias are
+        # trained, kept in params['vos_energy'])
+        "variant": "uncertainty",
+        # 'shift': outliers shift their pixels' logits by v - mu_k and L_uncertainty scores those pixels
+        # (a margin term); 'replace': outliers take their pixels' place and L_uncertainty scores every
+        # pixel (the public code's reading; it is then almost L_seg again, see losses/outliers.py)
+        "placement": "shift",
     })
 
 
@@ -63,8 +70,13 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int, process
     unknown = sorted(set(config.loss.params) - set(losses.LOSS_TERMS))
     if unknown:
         raise ValueError(f"config.loss.params: unknown loss term(s) {unknown}; known: {sorted(losses.LOSS_TERMS)}")
-    if config.loss.weighting not in ("balance", "norm", "pareto"):
-        raise ValueError(f"config.loss.weighting={config.loss.weighting!r}; use balance, norm or pareto")
+    from neuroseg_jax.train.step import WEIGHTINGS  # deferred like the imports above
+
+    if config.loss.weighting not in WEIGHTINGS:
+        raise ValueError(f"config.loss.weighting={config.loss.weighting!r}; use one of {WEIGHTINGS}")
+    if config.loss.weighting == "relative" and config.loss.primary not in config.loss.terms:
+        raise ValueError(f"config.loss.primary={config.loss.primary!r} must name one of config.loss.terms "
+                         f"{sorted(config.loss.terms)} when config.loss.weighting='relative'")
     if config.outliers.enabled and config.outliers.num_selected > config.outliers.num_candidates:
         raise ValueError("config.outliers.num_selected must not exceed config.outliers.num_candidates")
     if not config.loss.terms:

@@ -43,23 +43,41 @@ def make_loss_fn(loss_config: ml_collections.ConfigDict):
     weights = dict(loss_config.terms)
     params = loss_config.params.to_dict()
 
-    def loss_fn(logits, labels):
-        return losses.hybrid_loss(logits, labels, weights=weights, params=params)
+    def loss_fn(logits, labels, touching_weights=None):
+        return losses.hybrid_loss(logits, labels, weights=weights, params=params, touching_weights=touching_weights)
 
     return loss_fn
 
 
+def needs_touching_weights(loss_config: ml_collections.ConfigDict) -> bool:
+    """Whether batches must carry the touching-cells weights (``data.touching_cells``): only when a
+    term that uses them has a weight, so other runs compute no distance transforms."""
+    return any(loss_config.terms.get(name) for name in losses.hybrid.TOUCHING_WEIGHTED_TERMS)
+
+
+def outlier_start_step(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+    """First step of the uncertainty term: ``outliers.start_step``, else ``start_epoch`` in steps."""
+    settings = config.outliers
+    return int(settings.start_step or settings.start_epoch * steps_per_epoch)
+
+
 def make_outlier_fns(config: ml_collections.ConfigDict, steps_per_epoch: int):
-    """(buffer initialiser, per-step regulariser) from ``config.outliers``, or (None, None).
+    """(initialiser, per-step regulariser) from ``config.outliers``, or (None, None).
 
     Embeddings are the per-pixel logit vectors, so the buffers hold max(K, 2) classes of width K.
+    The initialiser gives (buffers, extra params): the 'vos' variant's trained logistic goes into
+    ``params['vos_energy']``.
     """
     settings = config.outliers
     if not settings.enabled:
         return None, None
     num_logits = int(config.model.num_classes)
-    start_step = int(settings.start_step or settings.start_epoch * steps_per_epoch)
-    init = functools.partial(losses.outliers.init_buffers, max(num_logits, 2), int(settings.buffer_size), num_logits)
+    start_step = outlier_start_step(config, steps_per_epoch)
+
+    def init():
+        buffers = losses.outliers.init_buffers(max(num_logits, 2), int(settings.buffer_size), num_logits)
+        return buffers, ({"vos_energy": losses.outliers.init_energy_params()} if settings.variant == "vos" else {})
+
     regularizer = functools.partial(
         losses.outliers.outlier_regularizer, start_step=start_step, max_per_class=int(settings.max_per_class),
         num_candidates=int(settings.num_candidates), num_selected=int(settings.num_selected),
@@ -68,7 +86,9 @@ def make_outlier_fns(config: ml_collections.ConfigDict, steps_per_epoch: int):
     return init, regularizer
 
 
-def loss_weights(config: ml_collections.ConfigDict) -> dict[str, float]:
+def objective_weights(config: ml_collections.ConfigDict) -> dict[str, float]:
+    """lambda of every term the train step optimises: ``config.loss.terms`` plus, with outlier
+    synthesis, ``uncertainty`` weighted ``config.outliers.weight``."""
     weights = {name: float(value) for name, value in config.loss.terms.items()}
     if config.outliers.enabled:
         weights["uncertainty"] = float(config.outliers.weight)
@@ -109,14 +129,15 @@ class _StopRequest:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _eval_batches(data_config, batch_size: int, seed: int, num_images: int):
+def _eval_batches(data_config, batch_size: int, seed: int, num_images: int, touching_weights: bool = False):
     """Padded validation batches of this process: every process yields the same number of
     batches (collectives need it); padding rows carry ``weight`` 0."""
     count = jax.process_count()
     index = jax.process_index()
     num_batches = math.ceil(math.ceil(num_images / count) / batch_size)
     loader = data_lib.make_loader(data_config, "val", batch_size=batch_size, seed=seed,
-                                  process_index=index, process_count=count, num_epochs=1)
+                                  process_index=index, process_count=count, num_epochs=1,
+                                  touching_weights=touching_weights)
     batches = list(loader)
     template = batches[0]
     for position in range(num_batches):
@@ -129,11 +150,11 @@ def _eval_batches(data_config, batch_size: int, seed: int, num_images: int):
 
 
 def evaluate(state: TrainState, eval_step, data_config, batch_size: int, seed: int, mesh,
-             num_images: int) -> dict[str, float]:
+             num_images: int, touching_weights: bool = False) -> dict[str, float]:
     """Validation loss (mean of per-image losses) and pooled pixel metrics over the val split of
-    ``num_images`` images."""
+    ``num_images`` images; ``touching_weights`` as for the training batches."""
     totals: dict[str, float] = {}
-    for batch in _eval_batches(data_config, batch_size, seed, num_images):
+    for batch in _eval_batches(data_config, batch_size, seed, num_images, touching_weights):
         sums = jax.device_get(eval_step(state, sharding_lib.global_batch(batch, mesh)))
         for key, value in sums.items():
             totals[key] = totals.get(key, 0.0) + float(value)
@@ -154,7 +175,7 @@ class _Previews:
 
     def save(self, state: TrainState, path: pathlib.Path) -> None:
         if self._forward is None:
-            self._forward = jax.jit(lambda variables, images: logits_to_probabilities(
+            self._forward = jax.jit(lambda variables, images: losses.probabilities(
                 state.apply_fn(variables, images, train=False)))
         variables = {"params": state.eval_params}
         if state.batch_stats:
@@ -165,11 +186,6 @@ class _Previews:
         probs = np.asarray(self._forward(variables, self.batch["image"]))
         plots.save_predictions(path, self.batch["image"], self.batch["mask"],
                                np.stack([inference.foreground_probability(p) for p in probs]))
-
-
-def logits_to_probabilities(logits: jax.Array) -> jax.Array:
-    """(..., K) logits -> probabilities: sigmoid for one output channel, softmax otherwise."""
-    return jax.nn.sigmoid(logits) if logits.shape[-1] == 1 else jax.nn.softmax(logits, axis=-1)
 
 
 @dataclasses.dataclass
@@ -200,8 +216,10 @@ def build_trainer(config: ml_collections.ConfigDict, devices=None) -> Trainer:
         build_model(config.model), tx, init_rng, (1, crop_h, crop_w, config.data.channels), mesh,
         models.sharding_rules(config.model.name), init_outliers=init_outliers, ema=config.optim.ema_decay > 0,
         fsdp=config.mesh.fsdp, fsdp_min_size=config.mesh.fsdp_min_size)
+    term_start_steps = {"uncertainty": outlier_start_step(config, steps_per_epoch)} if outlier_fn else {}
     train_step, eval_step = make_step_fns(make_loss_fn(config.loss), mesh, state_shardings,
-                                          loss_weights=loss_weights(config), weighting=config.loss.weighting,
+                                          loss_weights=objective_weights(config), weighting=config.loss.weighting,
+                                          term_start_steps=term_start_steps, primary_term=config.loss.primary or None,
                                           outlier_fn=outlier_fn, ema_decay=float(config.optim.ema_decay))
     return Trainer(mesh=mesh, state=state, state_shardings=state_shardings, train_step=train_step,
                    eval_step=eval_step, step_rng=step_rng, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
@@ -220,7 +238,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     workdir = pathlib.Path(workdir)
     is_chief = jax.process_index() == 0
     checkpoints = checkpoint_lib.Checkpoints(workdir, keep=config.train.keep_checkpoints)
-    train_images = data_lib.build_dataset(config.data, "train")
+    touching_weights = needs_touching_weights(config.loss)
+    train_images = data_lib.build_dataset(config.data, "train", with_instances=touching_weights)
     identity = checkpoint_lib.run_identity(
         config, (train_images.base if isinstance(train_images, data_lib.PatchDataset) else train_images).names)
     resume_step = checkpoints.latest_step()
@@ -243,7 +262,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
     train_iter = iter(data_lib.make_loader(config.data, "train", batch_size=local_batch, seed=config.seed,
                                            process_index=jax.process_index(),
-                                           process_count=jax.process_count(), dataset=train_images))
+                                           process_count=jax.process_count(), dataset=train_images,
+                                           touching_weights=touching_weights))
     plateau = PlateauState()
     best_step = None
     if resume_step is not None:
@@ -297,7 +317,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                                      img_s=f"{record['images_per_s']:.1f}")
                 window_start, window_images = time.perf_counter(), 0
             if step % eval_every == 0 or step == total_steps:
-                last_val = evaluate(state, eval_step, config.data, eval_batch, config.seed, mesh, num_val)
+                last_val = evaluate(state, eval_step, config.data, eval_batch, config.seed, mesh, num_val,
+                                    touching_weights)
                 plateau = update_plateau(plateau, last_val["loss"], factor=plateau_config.factor,
                                          patience=plateau_config.patience, min_scale=plateau_config.min_scale,
                                          threshold=plateau_config.threshold,

@@ -15,9 +15,9 @@ import ml_collections
 import numpy as np
 
 from neuroseg_jax import data as data_lib
-from neuroseg_jax import inference
+from neuroseg_jax import inference, losses
 from neuroseg_jax.train.checkpoint import restore_weights
-from neuroseg_jax.train.loop import build_model, logits_to_probabilities
+from neuroseg_jax.train.loop import build_model
 
 
 @dataclasses.dataclass
@@ -60,7 +60,7 @@ def make_predict_fn(model: flax.linen.Module, variables: dict) -> Callable[[np.n
 
     @jax.jit
     def probabilities(batch):
-        return logits_to_probabilities(model.apply(variables, batch, train=False))
+        return losses.probabilities(model.apply(variables, batch, train=False))
 
     return lambda batch: np.asarray(probabilities(np.asarray(batch, np.float32)))
 

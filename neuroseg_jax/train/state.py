@@ -55,21 +55,31 @@ class TrainState:
 
 
 def _init_state(model: flax.linen.Module, tx: optax.GradientTransformation, rng: jax.Array,
-                input_shape: tuple[int, ...], init_outliers: Callable[[], Any] | None, ema: bool) -> TrainState:
+                input_shape: tuple[int, ...], init_outliers: Callable[[], tuple[Any, dict]] | None,
+                ema: bool) -> TrainState:
     variables = model.init({"params": rng, "dropout": rng}, jnp.zeros(input_shape, jnp.float32), train=False)
-    params = variables["params"]
+    outliers, outlier_params = init_outliers() if init_outliers is not None else (None, {})
+    clashing = sorted(set(outlier_params) & set(variables["params"]))
+    if clashing:
+        raise ValueError(f"outlier synthesis parameters {clashing} clash with the model's top-level params")
+    # Outlier parameters (the VOS logistic) sit beside the model's top-level modules, which
+    # ``model.apply`` ignores, so they are trained, averaged, checkpointed and restored like the model.
+    params = {**variables["params"], **outlier_params}
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       batch_stats=variables.get("batch_stats", {}), lr_scale=jnp.ones((), jnp.float32),
-                      outliers=init_outliers() if init_outliers is not None else None,
+                      outliers=outliers,
                       ema_params=params if ema else None,
                       apply_fn=model.apply, tx=tx)
 
 
 def create_train_state(model: flax.linen.Module, tx: optax.GradientTransformation, rng: jax.Array,
                        input_shape: tuple[int, ...], mesh: Mesh, param_rules=(),
-                       init_outliers: Callable[[], Any] | None = None, ema: bool = False, fsdp: bool = False,
-                       fsdp_min_size: int = 2**16) -> tuple[TrainState, Any]:
+                       init_outliers: Callable[[], tuple[Any, dict]] | None = None, ema: bool = False,
+                       fsdp: bool = False, fsdp_min_size: int = 2**16) -> tuple[TrainState, Any]:
     """Initialise directly into its shardings (no full copy on one device first).
+
+    ``init_outliers`` () -> (outlier buffers, {name: extra top-level params}) sets up outlier
+    synthesis (``loop.make_outlier_fns``); the extra params join the model's.
 
     Returns the state and its sharding pytree (for ``jax.jit`` in/out shardings). Optimizer
     moments follow the sharding of the parameters they mirror because the rules match on the
