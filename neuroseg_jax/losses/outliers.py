@@ -38,10 +38,11 @@ f_out, to refine the decision boundary of each class (§3.2), and adds L_uncerta
   gets right. Its CE and Dice see f_out in units of the logits' spread s (sqrt of the mean variance
   of the batch's logits about their class means): the offsets grow with the spread they are drawn
   from (the buffers hold the same logits), and since each class's distribution reaches the decision
-  boundary through its border pixels, some shifted pixels always cross it. In raw logits their CE grows with the logit scale and keeps pushing margins outwards,
-  which widens the distribution and the next offsets: on configs/morphoseg.py:quick (seed 1) the
-  logits ran to +-150 and L_seg's CE from 0.1 to 6 within 1000 steps. In units of s the term does not change when the model
-  scales its logits, so only a better-shaped distribution (compact, separated classes) lowers it.
+  boundary through its border pixels, some shifted pixels always cross it. In raw logits their CE
+  grows with the logit scale and keeps pushing margins outwards, which widens the distribution and
+  the next offsets: on configs/morphoseg.py:quick (seed 1) the logits ran to +-150 and L_seg's CE
+  from 0.1 to 6 within 1000 steps. In units of s the term does not change when the model scales its
+  logits, so only a better-shaped distribution (compact, separated classes) lowers it.
   On the pixels it touches, its gradient has cosine 0.52 with L_seg's for a fitted model (L_seg
   restricted to the same pixels: 0.99), 0.67 mid-training and 0.89 at initialisation, where every
   pixel is uncertain anyway (MorphoSeg starts the term at epoch 150 of 200).
