@@ -31,9 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.stats import rankdata
 
-from neuroseg_jax import data, inference
+from neuroseg_jax import data, inference, models
 from neuroseg_jax.losses import outliers
-from neuroseg_jax.train import loop, sharding
+from neuroseg_jax.train import builders, sharding
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs/ is not in the package
 from configs import morphoseg  # noqa: E402
@@ -71,7 +71,7 @@ def train(variant: str | None, steps: int, seed: int):
     if variant is not None:
         config.outliers.variant = variant
         config.outliers.start_step = steps // 3
-    trainer = loop.build_trainer(config, jax.devices()[:1])
+    trainer = builders.build_trainer(config, jax.devices()[:1])
     loader = iter(data.make_loader(config.data, "train", batch_size=config.train.batch_size, seed=seed))
     state = trainer.state
     largest_uncertainty = 0.0
@@ -94,7 +94,7 @@ def mahalanobis(logits: jax.Array, buffers: outliers.OutlierBuffers, ridge: floa
 
 def map_fn(state, config):
     """(n, h, w, C) -> (n, h, w, K + 4): softmax probabilities, then the logit maps of MAPS[1:]."""
-    model = loop.build_model(config.model)
+    model = models.build_model(config.model)
     buffers = state.outliers
     energy = state.params.get("vos_energy")
     ridge = config.outliers.ridge
@@ -136,8 +136,7 @@ def main() -> None:
             config, state, metrics = train(variant, args.steps, seed)
             predict = map_fn(state, config)
             num_classes = int(config.model.num_classes)
-            options = dict(window=tuple(config.inference.window), overlap=config.inference.overlap,
-                           batch_size=config.inference.batch_size, blend="gaussian")
+            options = {**inference.sliding_options(config.inference), "blend": "gaussian"}
             images = data.build_dataset(config.data, "val")
             rng = np.random.default_rng(seed)
             clean = {"fg": [], "bg": []}

@@ -13,7 +13,7 @@ import time
 import jax
 
 from neuroseg_jax import data
-from neuroseg_jax.train import loop, sharding
+from neuroseg_jax.train import builders, sharding
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs/ is not in the package
 
@@ -35,7 +35,7 @@ def step_flops(config, trainer, host_batch) -> float:
     """XLA's FLOP count of the train step as lowered for the host CPU, whatever the device: a GPU
     executable's count leaves out the convolutions and matrix products handed to cuDNN and cuBLAS."""
     if jax.devices()[0].platform != "cpu":
-        trainer = loop.build_trainer(config, devices=jax.devices("cpu")[:1])
+        trainer = builders.build_trainer(config, devices=jax.devices("cpu")[:1])
     batch = sharding.global_batch(host_batch, trainer.mesh)
     cost = trainer.train_step.lower(trainer.state, batch, trainer.step_rng).cost_analysis()
     return float((cost or {}).get("flops", float("nan")))
@@ -49,7 +49,7 @@ def measure_train_step(config, batch_size: int, steps: int) -> dict:
     config.data.synthetic.num_images = max(4 * batch_size, 8)
     config.data.synthetic.image_size = tuple(config.data.crop_size)
     config.data.patches.enabled = False
-    trainer = loop.build_trainer(config)
+    trainer = builders.build_trainer(config)
     batches = iter(data.make_loader(config.data, "train", batch_size=batch_size, seed=0))
     host_batch = next(batches)
     flops = step_flops(config, trainer, host_batch)

@@ -12,7 +12,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from neuroseg_jax.ops import reuse_freed_host_memory
-from neuroseg_jax.train.predictor import evaluate_run
+from neuroseg_jax.inference import evaluate_run
 
 import trained_run_flags  # launch/ is not a package; a script's own folder is on sys.path
 

@@ -10,7 +10,7 @@ import json
 from absl import app, flags, logging
 
 from neuroseg_jax.ops import reuse_freed_host_memory
-from neuroseg_jax.train.predictor import predict_run
+from neuroseg_jax.inference import predict_run
 
 import trained_run_flags  # launch/ is not a package; a script's own folder is on sys.path
 

@@ -393,20 +393,20 @@ def test_boundary_loss_with_touching_weights_jit_grad_finite(case):
 def test_boundary_training_run_feeds_touching_weights(tmp_path, monkeypatch):
     from conftest import tiny_train_config
     from neuroseg_jax import train
-    from neuroseg_jax.train import loop as loop_lib
+    from neuroseg_jax.train import builders, sharding
 
     config = tiny_train_config(loss="tversky+boundary", **{"train.num_steps": 2, "train.eval_every": 2,
                                                           "data.synthetic.dense_fraction": 1.0})
-    assert loop_lib.needs_touching_weights(config.loss) and not loop_lib.needs_touching_weights(
+    assert builders.needs_touching_weights(config.loss) and not builders.needs_touching_weights(
         tiny_train_config().loss)
     seen = []
-    real_global_batch = loop_lib.sharding_lib.global_batch
+    real_global_batch = sharding.global_batch
 
     def recording(batch, mesh):
         seen.append(batch)
         return real_global_batch(batch, mesh)
 
-    monkeypatch.setattr(loop_lib.sharding_lib, "global_batch", recording)
+    monkeypatch.setattr(sharding, "global_batch", recording)
     val = train.train_and_evaluate(config, tmp_path)
     assert np.isfinite(val["loss"])
     train_batches, val_batches = [b for b in seen if "weight" not in b], [b for b in seen if "weight" in b]

@@ -392,12 +392,12 @@ def test_coco_average_precision_ranks_by_score():
     assert metrics.coco_average_precision([empty])["coco_map"] == 1.0
 
 
-def test_label_instances_connectivity():
+def test_connected_components_connectivity():
     diagonal = np.eye(4, dtype=bool)
-    assert metrics.label_instances(diagonal).max() == 1
-    assert metrics.label_instances(diagonal, connectivity=4).max() == 4
+    assert metrics.connected_components(diagonal).max() == 1
+    assert metrics.connected_components(diagonal, connectivity=4).max() == 4
     with pytest.raises(ValueError):
-        metrics.label_instances(diagonal, connectivity=6)
+        metrics.connected_components(diagonal, connectivity=6)
 
 
 def test_real_fnc_mask_hd95_and_count():

@@ -16,9 +16,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO, tiny_train_config
-from neuroseg_jax import data, train
-from neuroseg_jax.train import predictor
-from neuroseg_jax.train import loop as loop_lib
+from neuroseg_jax import data, inference, train
+from neuroseg_jax.train import builders, sharding
 from neuroseg_jax.train.plateau import PlateauState, update_plateau
 
 
@@ -41,7 +40,7 @@ def test_hybrid_run_writes_checkpoints_metrics_pictures_and_evaluates_and_predic
     assert steps == list(range(1, 7))
     assert any(p.name.startswith("events") for p in (tmp_path / "tensorboard").iterdir())
 
-    results = predictor.evaluate_run(tmp_path, checkpoint="best", tta_n=2, progress=False)
+    results = inference.evaluate_run(tmp_path, checkpoint="best", tta_n=2, progress=False)
     assert {"raw", "tta", "post", "tta+post"} <= set(results["variants"])
     pooled = results["variants"]["raw"]["pooled"]
     assert all(0.0 <= pooled[key] <= 1.0 for key in ("dice", "iou", "precision", "recall", "accuracy"))
@@ -55,7 +54,7 @@ def test_hybrid_run_writes_checkpoints_metrics_pictures_and_evaluates_and_predic
         item = dataset[index]
         cv2.imwrite(str(folder / "images" / f"im{index}.png"), (item["image"][..., 0] * 255).astype(np.uint8))
         cv2.imwrite(str(folder / "masks" / f"im{index}.png"), (item["mask"] * 255).astype(np.uint8))
-    on_folder = predictor.evaluate_run(tmp_path, data_root=str(folder), split="all", tta_n=1, progress=False)
+    on_folder = inference.evaluate_run(tmp_path, data_root=str(folder), split="all", tta_n=1, progress=False)
     assert on_folder["num_images"] == 2 and set(on_folder["variants"]) == {"raw", "post"}
 
     images = tmp_path / "inputs"
@@ -63,7 +62,7 @@ def test_hybrid_run_writes_checkpoints_metrics_pictures_and_evaluates_and_predic
     cv2.imwrite(str(images / "a.png"), (dataset[0]["image"][..., 0] * 255).astype(np.uint8))
     cv2.imwrite(str(images / "odd_size.png"), np.random.default_rng(0).integers(0, 255, (45, 70), np.uint8))
     (images / "broken.png").write_bytes(b"not an image")
-    summary = predictor.predict_run(tmp_path, str(images), tmp_path / "predictions", progress=False)
+    summary = inference.predict_run(tmp_path, str(images), tmp_path / "predictions", progress=False)
     assert sorted(item["name"] for item in summary["processed"]) == ["a", "odd_size"]
     assert [pathlib.Path(item["path"]).name for item in summary["failed"]] == ["broken.png"]
     mask = cv2.imread(summary["processed"][1]["outputs"]["mask"], cv2.IMREAD_UNCHANGED)
@@ -84,7 +83,7 @@ def test_sigterm_saves_and_resume_reproduces_the_uninterrupted_run(tmp_path, mon
     whole = _train_records(tmp_path / "whole")
 
     calls = {"n": 0}
-    real_global_batch = loop_lib.sharding_lib.global_batch
+    real_global_batch = sharding.global_batch
 
     def batch_then_sigterm(batch, mesh):
         calls["n"] += 1
@@ -92,11 +91,11 @@ def test_sigterm_saves_and_resume_reproduces_the_uninterrupted_run(tmp_path, mon
             os.kill(os.getpid(), signal.SIGTERM)
         return real_global_batch(batch, mesh)
 
-    monkeypatch.setattr(loop_lib.sharding_lib, "global_batch", batch_then_sigterm)
+    monkeypatch.setattr(sharding, "global_batch", batch_then_sigterm)
     train.train_and_evaluate(config, tmp_path / "cut")
     assert sorted(int(p.name) for p in (tmp_path / "cut" / "checkpoints" / "latest").iterdir()
                   if p.name.isdigit())[-1] == 3
-    monkeypatch.setattr(loop_lib.sharding_lib, "global_batch", real_global_batch)
+    monkeypatch.setattr(sharding, "global_batch", real_global_batch)
     other_workers = tiny_train_config(**{"optim.ema_decay": 0.9, "data.worker_count": 1})
     with pytest.raises(ValueError, match="data.worker_count=0"):
         train.train_and_evaluate(other_workers, tmp_path / "cut")
@@ -141,12 +140,12 @@ def test_resume_refuses_another_config_or_training_split_and_allows_a_longer_run
 
 def test_ema_averages_the_parameters_of_every_step():
     config = tiny_train_config(**{"optim.ema_decay": 0.75})
-    trainer = loop_lib.build_trainer(config)
+    trainer = builders.build_trainer(config)
     batches = iter(data.make_loader(config.data, "train", batch_size=2, seed=0))
     state = trainer.state
     expected = jax.device_get(state.params)
     for _ in range(2):
-        state, _ = trainer.train_step(state, loop_lib.sharding_lib.global_batch(next(batches), trainer.mesh),
+        state, _ = trainer.train_step(state, sharding.global_batch(next(batches), trainer.mesh),
                                       trainer.step_rng)
         expected = jax.tree.map(lambda avg, new: 0.75 * avg + 0.25 * new, expected, jax.device_get(state.params))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8),
@@ -155,7 +154,7 @@ def test_ema_averages_the_parameters_of_every_step():
 
 
 def test_non_finite_loss_stops_naming_step_terms_and_checkpoint(tmp_path, monkeypatch):
-    real_make_loss_fn = loop_lib.make_loss_fn
+    real_make_loss_fn = builders.make_loss_fn
 
     def poisoned(loss_config):
         loss_fn = real_make_loss_fn(loss_config)
@@ -168,8 +167,8 @@ def test_non_finite_loss_stops_naming_step_terms_and_checkpoint(tmp_path, monkey
 
         return nan_from_step_three
 
-    monkeypatch.setattr(loop_lib, "make_loss_fn", poisoned)
-    real_global_batch = loop_lib.sharding_lib.global_batch
+    monkeypatch.setattr(builders, "make_loss_fn", poisoned)
+    real_global_batch = sharding.global_batch
     calls = {"n": 0}
 
     def bad_third_batch(batch, mesh):
@@ -178,7 +177,7 @@ def test_non_finite_loss_stops_naming_step_terms_and_checkpoint(tmp_path, monkey
             batch = dict(batch, mask=batch["mask"] * 2)
         return real_global_batch(batch, mesh)
 
-    monkeypatch.setattr(loop_lib.sharding_lib, "global_batch", bad_third_batch)
+    monkeypatch.setattr(sharding, "global_batch", bad_third_batch)
     with pytest.raises(train.NonFiniteLossError, match=r"step 3.*dice.*latest.2"):
         train.train_and_evaluate(tiny_train_config(), tmp_path)
     assert (tmp_path / "checkpoints" / "latest" / "2").is_dir()
@@ -230,12 +229,12 @@ SHARDED_SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     from conftest import tiny_train_config
     from neuroseg_jax import data
-    from neuroseg_jax.train import loop, sharding
+    from neuroseg_jax.train import builders, sharding
 
     def run(config, devices, mesh_shape, fsdp=False):
         config.mesh.data, config.mesh.model = mesh_shape
         config.mesh.fsdp, config.mesh.fsdp_min_size = fsdp, 64
-        trainer = loop.build_trainer(config, devices)
+        trainer = builders.build_trainer(config, devices)
         st, mesh = trainer.state, trainer.mesh
         loader = iter(data.make_loader(config.data, "train", batch_size=8, seed=0))
         losses = []

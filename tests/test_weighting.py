@@ -8,7 +8,7 @@ import pytest
 
 from neuroseg_jax import data, losses
 from neuroseg_jax.losses import weighting
-from neuroseg_jax.train import loop, sharding
+from neuroseg_jax.train import builders, sharding
 from neuroseg_jax.train.config import validate_config
 
 TERMS = {"a": jnp.float32(2.0), "b": jnp.float32(0.5), "c": jnp.float32(0.0)}
@@ -79,7 +79,7 @@ def _morphoseg_trainer(weighting_name: str, start_step: int):
     config.outliers.start_step = start_step
     config.model.dropout_rate = 0.0  # deterministic forward, so the test can recompute the gradients
     validate_config(config, jax.device_count(), jax.process_count())
-    trainer = loop.build_trainer(config)
+    trainer = builders.build_trainer(config)
     batch = next(iter(data.make_loader(config.data, "train", batch_size=config.train.batch_size, seed=0)))
     return config, trainer, sharding.global_batch(batch, trainer.mesh)
 

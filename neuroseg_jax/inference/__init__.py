@@ -1,5 +1,10 @@
 """Inference: sliding-window prediction, test-time augmentation, post-processing, per-cell
-morphology, file prediction and dataset evaluation. May import metrics and data, never train."""
+morphology, file prediction, dataset evaluation, and trained runs (`evaluate_run`, `predict_run`).
+
+May import data, models and metrics. From train it imports one name, `restore_weights` of
+`neuroseg_jax.train.checkpoint`: the checkpoint format belongs to the code that writes it, so a run's
+weights are read where they are saved rather than by a second reader that could drift from it.
+"""
 
 from neuroseg_jax.inference.evaluate import evaluate_dataset, score_image
 from neuroseg_jax.inference.postprocess import (
@@ -19,7 +24,16 @@ from neuroseg_jax.inference.predict import (
     predict_image,
     predictive_entropy,
 )
-from neuroseg_jax.inference.sliding import BLENDS, blend_weights, sliding_window, window_starts
+from neuroseg_jax.inference.runs import (
+    Run,
+    evaluate_run,
+    load_config,
+    load_run,
+    make_predict_fn,
+    predict_run,
+    sliding_options,
+)
+from neuroseg_jax.inference.sliding import BLENDS, SlidingWindow, blend_weights, sliding_window, window_starts
 from neuroseg_jax.inference.tta import Augmentation, tta, tta_augmentations, tta_predict_fn
 
 __all__ = [
@@ -27,19 +41,27 @@ __all__ = [
     "BLENDS",
     "DEFAULT_POSTPROCESS",
     "MORPHOLOGY_COLUMNS",
+    "Run",
+    "SlidingWindow",
     "blend_weights",
     "evaluate_dataset",
+    "evaluate_run",
     "expand_inputs",
     "foreground_probability",
     "label_instances",
+    "load_config",
+    "load_run",
+    "make_predict_fn",
     "morphology_table",
     "overlay_image",
     "postprocess",
     "predict_files",
     "predict_image",
+    "predict_run",
     "predictive_entropy",
     "remove_small_components",
     "score_image",
+    "sliding_options",
     "sliding_window",
     "summarize_morphology",
     "tta",

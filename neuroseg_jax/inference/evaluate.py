@@ -23,6 +23,7 @@ target is empty are scored with the image diagonal (metrics.boundary policy) and
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -31,8 +32,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from neuroseg_jax.inference.postprocess import postprocess as postprocess_probs
-from neuroseg_jax.inference.predict import DEFAULT_POSTPROCESS, predict_image
-from neuroseg_jax.inference.sliding import PredictFn
+from neuroseg_jax.inference.predict import DEFAULT_POSTPROCESS, _with_progress, predict_image
+from neuroseg_jax.inference.sliding import PredictFn, SlidingWindow
 from neuroseg_jax.metrics import (
     MORPHOSEG_THRESHOLDS,
     binarize,
@@ -137,94 +138,53 @@ def _markdown_table(title: str, columns, results: Mapping[str, dict], percent: b
     return "\n".join(lines) + "\n"
 
 
-def evaluate_dataset(
-    predict_fn: PredictFn,
-    dataset: Any,
-    output_dir: str | os.PathLike,
-    *,
-    window=None,
-    overlap=56,
-    batch_size: int = 8,
-    blend: str = "gaussian",
-    tta_n: int = 5,
-    brightness_shift: float = 0.1,
-    threshold: float = 0.5,
-    postprocess: Mapping | None = DEFAULT_POSTPROCESS,
-    spacing=1.0,
-    progress: bool = False,
-) -> dict:
-    """Evaluate predict_fn on every image of `dataset` and write metrics.json, per_image.csv and
-    table.md to output_dir.
+NOTES = {
+    "pooled": "counts summed over images, metrics computed once (IMSAHLO-style)",
+    "per_image_mean": "metric per image, then mean over images (MorphoSeg-style DSC/HD95)",
+    "image_level": "MorphoSeg IoU-t = fraction of images with IoU >= t; mAP = mean over "
+                   "t in {0.5, 0.75, 0.9}",
+    "hd95": "MONAI convention (max of directed P95); hd95_medpy pools both directions; "
+            "one-sided empty images scored with the image diagonal",
+    "morphoseg_table": MORPHOSEG_NOTE,
+    "empty_policy": "precision/recall/dice/iou/ap/f1 with a zero denominator: 1 when "
+                    "prediction and truth are both empty, else 0 (metrics.pixel.safe_ratio)",
+    "instance_ap": "ap@t = tp/(tp+fp+fn) of 8-connected components matched at IoU >= t; "
+                   "coco_ap@t ranks objects by mean probability (101-point PR area)",
+    "micro_f1": "over both classes; equals accuracy for binary single-label masks",
+}
 
-    Args:
-      predict_fn: (n, h, w, C) float32 -> (n, h, w, K) probabilities.
-      dataset: len() and [i] -> dict(image=(H, W, C) float32, mask=(H, W) int); names from
-        `.names` or `.name(i)` when present.
-      window: None = one forward pass of the whole image; (h, w) = sliding window with
-        overlap/batch_size/blend (see `sliding_window`).
-      tta_n: TTA augmentations for the 'tta' variants (<= 1: no TTA variants).
-      threshold: foreground probability threshold of the variants without post-processing.
-      postprocess: `inference.postprocess` keyword arguments for the 'post' variants (None: none).
-      spacing: pixel size for HD95/ASSD.
-    Returns:
-      dict(variants={variant: {pooled, per_image_mean, image_level, hd95_empty_images,
-      num_images}}, num_images, notes).
-    """
-    if len(dataset) == 0:
-        raise ValueError("evaluate_dataset: the dataset is empty")
-    output = Path(output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    tta_settings = {"raw": 0, **({"tta": tta_n} if tta_n > 1 else {})}
-    scores: dict[str, list[dict]] = {}
-    csv_rows: list[dict] = []
-    indices: Any = range(len(dataset))
-    if progress:
-        from tqdm import tqdm
-        indices = tqdm(indices, desc="evaluate", unit="image")
-    for index in indices:
-        example = dataset[index]
-        if "image" not in example or "mask" not in example:
-            raise ValueError(f"dataset[{index}] lacks 'image' or 'mask' (keys {sorted(example)})")
-        image, target = np.asarray(example["image"], np.float32), np.asarray(example["mask"])
-        if image.ndim != 3 or image.shape[:2] != target.shape:
-            raise ValueError(f"dataset[{index}]: image {image.shape} and mask {target.shape} "
-                             "must be (H, W, C) and (H, W)")
-        name = _name(dataset, index)
-        image_window = image.shape[:2] if window is None else window
-        for base, n in tta_settings.items():
-            probability = predict_image(
-                predict_fn, image, window=image_window, overlap=0 if window is None else overlap,
-                batch_size=1 if window is None else batch_size, blend=blend, tta_n=n,
-                brightness_shift=brightness_shift)
-            masks = {base: binarize(probability, threshold)}
-            if postprocess is not None:
-                post_name = "post" if base == "raw" else f"{base}+post"
-                masks[post_name] = postprocess_probs(probability, **postprocess)
-            for variant, mask in masks.items():
-                score = score_image(mask, target, probability, spacing=spacing)
-                scores.setdefault(variant, []).append(score)
-                csv_rows.append({"variant": variant, "name": name,
-                                 "hd95_empty_case": score["empty_case"],
-                                 **{key: score["row"][key] for key in PER_IMAGE_COLUMNS}})
-    results = {variant: _aggregate(variant_scores) for variant, variant_scores in scores.items()}
-    metrics = {
-        "num_images": len(dataset),
-        "variants": results,
-        "notes": {
-            "pooled": "counts summed over images, metrics computed once (IMSAHLO-style)",
-            "per_image_mean": "metric per image, then mean over images (MorphoSeg-style DSC/HD95)",
-            "image_level": "MorphoSeg IoU-t = fraction of images with IoU >= t; mAP = mean over "
-                           "t in {0.5, 0.75, 0.9}",
-            "hd95": "MONAI convention (max of directed P95); hd95_medpy pools both directions; "
-                    "one-sided empty images scored with the image diagonal",
-            "morphoseg_table": MORPHOSEG_NOTE,
-            "empty_policy": "precision/recall/dice/iou/ap/f1 with a zero denominator: 1 when "
-                            "prediction and truth are both empty, else 0 (metrics.pixel.safe_ratio)",
-            "instance_ap": "ap@t = tp/(tp+fp+fn) of 8-connected components matched at IoU >= t; "
-                           "coco_ap@t ranks objects by mean probability (101-point PR area)",
-            "micro_f1": "over both classes; equals accuracy for binary single-label masks",
-        },
-    }
+
+def _example(dataset: Any, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """(image (H, W, C) float32, target (H, W)) of ``dataset[index]``, checked."""
+    example = dataset[index]
+    if "image" not in example or "mask" not in example:
+        raise ValueError(f"dataset[{index}] lacks 'image' or 'mask' (keys {sorted(example)})")
+    image, target = np.asarray(example["image"], np.float32), np.asarray(example["mask"])
+    if image.ndim != 3 or image.shape[:2] != target.shape:
+        raise ValueError(f"dataset[{index}]: image {image.shape} and mask {target.shape} "
+                         "must be (H, W, C) and (H, W)")
+    return image, target
+
+
+def _variant_scores(predict_fn: PredictFn, image: np.ndarray, target: np.ndarray, *, tiling: SlidingWindow,
+                    tta_settings: Mapping[str, int], brightness_shift: float, threshold: float,
+                    postprocess: Mapping | None, spacing) -> dict[str, dict]:
+    """`score_image` of one image for every variant (module docstring), in report order."""
+    scores = {}
+    for base, n in tta_settings.items():
+        probability = predict_image(predict_fn, image, tta_n=n, brightness_shift=brightness_shift,
+                                    **dataclasses.asdict(tiling))
+        masks = {base: binarize(probability, threshold)}
+        if postprocess is not None:
+            masks["post" if base == "raw" else f"{base}+post"] = postprocess_probs(probability, **postprocess)
+        for variant, mask in masks.items():
+            scores[variant] = score_image(mask, target, probability, spacing=spacing)
+    return scores
+
+
+def _write_reports(output: Path, metrics: dict, csv_rows: Sequence[dict]) -> None:
+    """metrics.json, per_image.csv and table.md."""
+    results = metrics["variants"]
     with open(output / "metrics.json", "w") as handle:
         json.dump(metrics, handle, indent=2)
     with open(output / "per_image.csv", "w", newline="") as handle:
@@ -244,6 +204,60 @@ def evaluate_dataset(
     ]
     with open(output / "table.md", "w") as handle:
         handle.write("\n".join(tables))
+
+
+def evaluate_dataset(
+    predict_fn: PredictFn,
+    dataset: Any,
+    output_dir: str | os.PathLike,
+    *,
+    tta_n: int = 5,
+    brightness_shift: float = 0.1,
+    threshold: float = 0.5,
+    postprocess: Mapping | None = DEFAULT_POSTPROCESS,
+    spacing=1.0,
+    progress: bool = False,
+    **sliding,
+) -> dict:
+    """Evaluate predict_fn on every image of `dataset` and write metrics.json, per_image.csv and
+    table.md to output_dir.
+
+    Args:
+      predict_fn: (n, h, w, C) float32 -> (n, h, w, K) probabilities.
+      dataset: len() and [i] -> dict(image=(H, W, C) float32, mask=(H, W) int); names from
+        `.names` or `.name(i)` when present.
+      tta_n: TTA augmentations for the 'tta' variants (<= 1: no TTA variants).
+      threshold: foreground probability threshold of the variants without post-processing.
+      postprocess: `inference.postprocess` keyword arguments for the 'post' variants (None: none).
+      spacing: pixel size for HD95/ASSD.
+      **sliding: window, overlap, batch_size, blend (see `SlidingWindow`); window None (the
+        default here) = one forward pass of the whole image.
+    Returns:
+      dict(variants={variant: {pooled, per_image_mean, image_level, hd95_empty_images,
+      num_images}}, num_images, notes).
+    """
+    if len(dataset) == 0:
+        raise ValueError("evaluate_dataset: the dataset is empty")
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    tiling = SlidingWindow(**{"window": None, **sliding})
+    tta_settings = {"raw": 0, **({"tta": tta_n} if tta_n > 1 else {})}
+    scores: dict[str, list[dict]] = {}
+    csv_rows: list[dict] = []
+    for index in _with_progress(range(len(dataset)), progress, "evaluate"):
+        image, target = _example(dataset, index)
+        name = _name(dataset, index)
+        variants = _variant_scores(predict_fn, image, target, tiling=tiling, tta_settings=tta_settings,
+                                   brightness_shift=brightness_shift, threshold=threshold,
+                                   postprocess=postprocess, spacing=spacing)
+        for variant, score in variants.items():
+            scores.setdefault(variant, []).append(score)
+            csv_rows.append({"variant": variant, "name": name, "hd95_empty_case": score["empty_case"],
+                             **{key: score["row"][key] for key in PER_IMAGE_COLUMNS}})
+    metrics = {"num_images": len(dataset),
+               "variants": {variant: _aggregate(variant_scores) for variant, variant_scores in scores.items()},
+               "notes": dict(NOTES)}
+    _write_reports(output, metrics, csv_rows)
     return metrics
 
 

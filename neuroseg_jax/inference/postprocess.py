@@ -25,7 +25,7 @@ import numpy as np
 from scipy.spatial import ConvexHull
 from skimage.measure import regionprops
 
-from neuroseg_jax.metrics import binarize, label_instances
+from neuroseg_jax.metrics import binarize, connected_components
 
 MORPHOLOGY_COLUMNS = (
     "label",
@@ -50,6 +50,13 @@ def foreground_probability(probs: np.ndarray) -> np.ndarray:
     if probs.ndim != 3:
         raise ValueError(f"probabilities must be (H, W) or (H, W, K), got shape {probs.shape}")
     return probs[..., 0] if probs.shape[-1] == 1 else 1.0 - probs[..., 0]
+
+
+def label_instances(mask: np.ndarray, *, connectivity: int = 8) -> np.ndarray:
+    """Instance labels (int32 (H, W), 0 = background, 1..n) of a binary mask: its 8- (or 4-)
+    connected foreground components, the same objects the instance metrics match
+    (`metrics.connected_components`)."""
+    return connected_components(mask, connectivity=connectivity)
 
 
 def remove_small_components(mask: np.ndarray, min_size: int, *, connectivity: int = 8) -> np.ndarray:

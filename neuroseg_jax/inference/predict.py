@@ -17,6 +17,8 @@ skipped; the others are still processed.
 from __future__ import annotations
 
 import csv
+import dataclasses
+import functools
 import glob
 import json
 import logging
@@ -32,13 +34,14 @@ from neuroseg_jax.data.io import IMAGE_EXTENSIONS, read_image
 from neuroseg_jax.inference.postprocess import (
     MORPHOLOGY_COLUMNS,
     foreground_probability,
+    label_instances,
     morphology_table,
     postprocess as postprocess_probs,
     summarize_morphology,
 )
-from neuroseg_jax.inference.sliding import PredictFn, sliding_window
+from neuroseg_jax.inference.sliding import PredictFn, SlidingWindow
 from neuroseg_jax.inference.tta import tta_predict_fn
-from neuroseg_jax.metrics import binarize, label_instances
+from neuroseg_jax.metrics import binarize
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +71,14 @@ def expand_inputs(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> tu
             failures.append({"path": str(entry), "error": "FileNotFoundError: no image files match"})
         files.extend(found)
     return files, failures
+
+
+def _with_progress(items: Sequence, enabled: bool, description: str) -> Iterable:
+    """``items``, behind a tqdm progress bar when ``enabled``."""
+    if not enabled:
+        return items
+    from tqdm import tqdm
+    return tqdm(items, desc=description, unit="image")
 
 
 def _unique_stem(path: Path, used: set[str]) -> str:
@@ -125,30 +136,96 @@ def predictive_entropy(probs: np.ndarray) -> np.ndarray:
     return -np.sum(probs * np.log(np.clip(probs, np.finfo(np.float32).tiny, None)), axis=-1)
 
 
-def _class_probabilities(predict_fn: PredictFn, image: np.ndarray, *, window, overlap, batch_size: int, blend: str,
-                         tta_n: int, brightness_shift: float) -> np.ndarray:
+def _class_probabilities(predict_fn: PredictFn, image: np.ndarray, tiling: SlidingWindow, *, tta_n: int,
+                         brightness_shift: float) -> np.ndarray:
     """(H, W, K) probabilities of one (H, W, C) image: sliding window, optional TTA."""
     if tta_n > 1:
         predict_fn = tta_predict_fn(predict_fn, n=tta_n, brightness_shift=brightness_shift)
-    return sliding_window(predict_fn, image, window=window, overlap=overlap, batch_size=batch_size, blend=blend)
+    return tiling.probabilities(predict_fn, image)
 
 
-def predict_image(
-    predict_fn: PredictFn,
-    image: np.ndarray,
-    *,
-    window=(224, 224),
-    overlap=56,
-    batch_size: int = 8,
-    blend: str = "gaussian",
-    tta_n: int = 0,
-    brightness_shift: float = 0.1,
-) -> np.ndarray:
-    """(H, W) foreground probability of one (H, W, C) image: sliding window, optional TTA
-    (tta_n = 0 or 1 disables it)."""
+def predict_image(predict_fn: PredictFn, image: np.ndarray, *, tta_n: int = 0, brightness_shift: float = 0.1,
+                  **sliding) -> np.ndarray:
+    """(H, W) foreground probability of one (H, W, C) image: sliding window (keywords window,
+    overlap, batch_size, blend: see `SlidingWindow`), optional TTA (tta_n = 0 or 1 disables it)."""
     return foreground_probability(_class_probabilities(
-        predict_fn, image, window=window, overlap=overlap, batch_size=batch_size, blend=blend, tta_n=tta_n,
-        brightness_shift=brightness_shift))
+        predict_fn, image, SlidingWindow(**sliding), tta_n=tta_n, brightness_shift=brightness_shift))
+
+
+def _read_file(path: Path, read_options: Mapping) -> tuple[np.ndarray, tuple[int, int]]:
+    image = read_image(path, **read_options)
+    return image, image.shape[:2]
+
+
+def _resize_to(size: tuple[int, int], image: np.ndarray, probability: np.ndarray,
+               uncertainty_map: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Image, probability and uncertainty at the file's (H, W), for a model fed resized images."""
+    if probability.shape == tuple(size):
+        return image, probability, uncertainty_map
+    size_xy = (int(size[1]), int(size[0]))
+    probability = cv2.resize(probability, size_xy, interpolation=cv2.INTER_LINEAR)
+    if uncertainty_map is not None:
+        uncertainty_map = cv2.resize(uncertainty_map, size_xy, interpolation=cv2.INTER_LINEAR)
+    image = cv2.resize(image, size_xy, interpolation=cv2.INTER_LINEAR).reshape(tuple(size) + image.shape[2:])
+    return image, probability, uncertainty_map
+
+
+def _write_image_outputs(output: Path, stem: str, image: np.ndarray, probability: np.ndarray, mask: np.ndarray,
+                         labels: np.ndarray, rows: Sequence[Mapping],
+                         uncertainty_map: np.ndarray | None) -> dict[str, Path]:
+    """One image's files (module docstring) in ``output``; returns their paths."""
+    outputs = {
+        "probability": output / f"{stem}_prob.tif",
+        "mask": output / f"{stem}_mask.png",
+        "labels": output / f"{stem}_labels.tif",
+        "overlay": output / f"{stem}_overlay.png",
+        "cells": output / f"{stem}_cells.csv",
+    }
+    if uncertainty_map is not None:
+        outputs["uncertainty"] = output / f"{stem}_uncertainty.tif"
+        tifffile.imwrite(outputs["uncertainty"], uncertainty_map.astype(np.float32))
+    tifffile.imwrite(outputs["probability"], np.round(np.clip(probability, 0, 1) * 65535).astype(np.uint16))
+    _write_png(outputs["mask"], mask.astype(np.uint8) * 255)
+    label_dtype = np.uint16 if labels.max(initial=0) < 65536 else np.uint32
+    tifffile.imwrite(outputs["labels"], labels.astype(label_dtype))
+    _write_png(outputs["overlay"], overlay_image(image, mask))
+    _write_csv(outputs["cells"], rows, MORPHOLOGY_COLUMNS)
+    return outputs
+
+
+@dataclasses.dataclass(frozen=True)
+class _FilePredictor:
+    """Everything `predict_files` applies to each file: the model, how files are read, the tiling,
+    TTA, post-processing and the morphology's pixel size."""
+
+    predict_fn: PredictFn
+    load_image: Callable[[Path], tuple[np.ndarray, tuple[int, int]]]
+    tiling: SlidingWindow
+    tta_n: int
+    brightness_shift: float
+    postprocess: Mapping | None
+    spacing: float
+    uncertainty: bool
+
+    def __call__(self, path: Path, output: Path, used_stems: set[str]) -> tuple[dict, dict]:
+        """Predicts ``path`` and writes its outputs; returns (counts.csv row, processed entry)."""
+        image, size = self.load_image(path)
+        probs = _class_probabilities(self.predict_fn, image, self.tiling, tta_n=self.tta_n,
+                                     brightness_shift=self.brightness_shift)
+        image, probability, uncertainty_map = _resize_to(
+            size, image, foreground_probability(probs), predictive_entropy(probs) if self.uncertainty else None)
+        if self.postprocess is None:
+            mask = binarize(probability, 0.5)
+        else:
+            mask = postprocess_probs(probability, **self.postprocess)
+        labels = label_instances(mask)
+        rows = morphology_table(labels, image, spacing=self.spacing)
+        stem = _unique_stem(path, used_stems)
+        outputs = _write_image_outputs(output, stem, image, probability, mask, labels, rows, uncertainty_map)
+        count_row = {"name": stem, "path": str(path), "foreground_fraction": float(mask.mean()),
+                     **summarize_morphology(rows)}
+        return count_row, {"name": stem, "path": str(path), "count": len(rows),
+                           "outputs": {key: str(value) for key, value in outputs.items()}}
 
 
 def predict_files(
@@ -156,10 +233,6 @@ def predict_files(
     inputs: str | os.PathLike | Iterable[str | os.PathLike],
     output_dir: str | os.PathLike,
     *,
-    window=(224, 224),
-    overlap=56,
-    batch_size: int = 8,
-    blend: str = "gaussian",
     tta_n: int = 0,
     brightness_shift: float = 0.1,
     postprocess: Mapping | None = DEFAULT_POSTPROCESS,
@@ -168,13 +241,13 @@ def predict_files(
     spacing: float = 1.0,
     uncertainty: bool = True,
     progress: bool = True,
+    **sliding,
 ) -> dict:
     """Predict every image of `inputs` and write the outputs listed in the module docstring.
 
     Args:
       predict_fn: (n, h, w, C) float32 -> (n, h, w, K) probabilities.
       inputs: file, folder or glob, or a list of them.
-      window, overlap, batch_size, blend: see `sliding_window`.
       tta_n: number of TTA augmentations (IMSAHLO: 5); 0 or 1 = none.
       postprocess: keyword arguments of `inference.postprocess` (threshold, closing_size,
         min_size); None = plain threshold at 0.5, no morphology.
@@ -186,6 +259,7 @@ def predict_files(
       spacing: pixel size for the morphology table.
       uncertainty: write NAME_uncertainty.tif, the predictive entropy of the blended (and
         test-time averaged) probabilities, at the file's resolution.
+      **sliding: window, overlap, batch_size, blend: see `SlidingWindow`.
     Returns:
       dict(processed=[{name, path, count, outputs}], failed=[{path, error}], output_dir).
     """
@@ -197,78 +271,29 @@ def predict_files(
     for failure in failed:
         logger.warning("skipping %s: %s", failure["path"], failure["error"])
     read_options = dict(read_options or {})
-    processed: list[dict] = []
-    count_rows: list[dict] = []
-    used_stems: set[str] = set()
-    iterator: Iterable[Path] = files
-    if progress:
-        from tqdm import tqdm
-        iterator = tqdm(files, desc="predict", unit="image")
-    for path in iterator:
+    tiling = SlidingWindow(**sliding)
+    predict_file = _FilePredictor(
+        predict_fn=predict_fn, load_image=load_image or functools.partial(_read_file, read_options=read_options),
+        tiling=tiling, tta_n=tta_n, brightness_shift=brightness_shift, postprocess=postprocess, spacing=spacing,
+        uncertainty=uncertainty)
+    processed, count_rows, used_stems = [], [], set()
+    for path in _with_progress(files, progress, "predict"):
         try:
-            if load_image is None:
-                image = read_image(path, **read_options)
-                original_size = image.shape[:2]
-            else:
-                image, original_size = load_image(path)
-            probs = _class_probabilities(
-                predict_fn, image, window=window, overlap=overlap, batch_size=batch_size,
-                blend=blend, tta_n=tta_n, brightness_shift=brightness_shift)
-            probability = foreground_probability(probs)
-            uncertainty_map = predictive_entropy(probs) if uncertainty else None
-            if probability.shape != tuple(original_size):
-                size_xy = (int(original_size[1]), int(original_size[0]))
-                probability = cv2.resize(probability, size_xy, interpolation=cv2.INTER_LINEAR)
-                if uncertainty_map is not None:
-                    uncertainty_map = cv2.resize(uncertainty_map, size_xy, interpolation=cv2.INTER_LINEAR)
-                image = cv2.resize(image, size_xy, interpolation=cv2.INTER_LINEAR).reshape(
-                    tuple(original_size) + image.shape[2:])
-            if postprocess is None:
-                mask = binarize(probability, 0.5)
-            else:
-                mask = postprocess_probs(probability, **postprocess)
-            labels = label_instances(mask)
-            rows = morphology_table(labels, image, spacing=spacing)
-            stem = _unique_stem(path, used_stems)
-            outputs = {
-                "probability": output / f"{stem}_prob.tif",
-                "mask": output / f"{stem}_mask.png",
-                "labels": output / f"{stem}_labels.tif",
-                "overlay": output / f"{stem}_overlay.png",
-                "cells": output / f"{stem}_cells.csv",
-            }
-            if uncertainty_map is not None:
-                outputs["uncertainty"] = output / f"{stem}_uncertainty.tif"
-                tifffile.imwrite(outputs["uncertainty"], uncertainty_map.astype(np.float32))
-            tifffile.imwrite(outputs["probability"],
-                             np.round(np.clip(probability, 0, 1) * 65535).astype(np.uint16))
-            _write_png(outputs["mask"], mask.astype(np.uint8) * 255)
-            label_dtype = np.uint16 if labels.max(initial=0) < 65536 else np.uint32
-            tifffile.imwrite(outputs["labels"], labels.astype(label_dtype))
-            _write_png(outputs["overlay"], overlay_image(image, mask))
-            _write_csv(outputs["cells"], rows, MORPHOLOGY_COLUMNS)
+            count_row, entry = predict_file(path, output, used_stems)
         except (OSError, ValueError) as error:
             message = f"{type(error).__name__}: {error}"
             logger.warning("skipping %s: %s", path, message)
             failed.append({"path": str(path), "error": message})
             continue
-        summary_row = {"name": stem, "path": str(path),
-                       "foreground_fraction": float(mask.mean()),
-                       **summarize_morphology(rows)}
-        count_rows.append(summary_row)
-        processed.append({"name": stem, "path": str(path), "count": len(rows),
-                          "outputs": {key: str(value) for key, value in outputs.items()}})
+        count_rows.append(count_row)
+        processed.append(entry)
     if count_rows:
         _write_csv(output / "counts.csv", count_rows, list(count_rows[0]))
-    summary = {
-        "output_dir": str(output),
-        "processed": processed,
-        "failed": failed,
-        "settings": {"window": list(np.atleast_1d(window).tolist()),
-                     "overlap": list(np.atleast_1d(overlap).tolist()), "blend": blend,
-                     "tta_n": tta_n, "postprocess": dict(postprocess) if postprocess else None,
-                     "read_options": read_options, "spacing": spacing, "uncertainty": uncertainty},
-    }
+    settings = {"window": list(np.atleast_1d(tiling.window).tolist()),
+                "overlap": list(np.atleast_1d(tiling.overlap).tolist()), "blend": tiling.blend,
+                "tta_n": tta_n, "postprocess": dict(postprocess) if postprocess else None,
+                "read_options": read_options, "spacing": spacing, "uncertainty": uncertainty}
+    summary = {"output_dir": str(output), "processed": processed, "failed": failed, "settings": settings}
     with open(output / "summary.json", "w") as handle:
         json.dump(summary, handle, indent=2)
     return summary

@@ -9,10 +9,15 @@ towards the window edges, as in nnU-Net, which suppresses seams from the less re
 borders), then divided by the accumulated weight. Peak memory is the (H, W, K) float32
 accumulator, an (H, W) weight map and two batches of windows (one being predicted while the
 previous one is blended) - independent of how many windows there are.
+
+`SlidingWindow` holds these settings as one value for the functions built on `sliding_window`
+(`predict_image`, `predict_files`, `evaluate_dataset`, the run-level ones): they take its fields
+as keywords and construct it, so the settings and their defaults are declared once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import numpy as np
@@ -47,6 +52,26 @@ def blend_weights(window: tuple[int, int], blend: str, sigma_scale: float = 0.12
         profiles.append(np.exp(-0.5 * (offsets / (sigma_scale * size)) ** 2))
     weights = np.outer(profiles[0], profiles[1])
     return np.maximum(weights / weights.max(), 1e-3).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class SlidingWindow:
+    """The tiling of whole-image prediction (`sliding_window`'s arguments): window (h, w) or int,
+    overlap in pixels (int or (oy, ox)), windows per forward pass, blend 'constant' or 'gaussian'.
+    window None predicts each image in one forward pass of its own size."""
+
+    window: int | tuple[int, int] | None = (224, 224)
+    overlap: int | tuple[int, int] = 56
+    batch_size: int = 8
+    blend: str = "gaussian"
+
+    def probabilities(self, predict_fn: PredictFn, image: np.ndarray) -> np.ndarray:
+        """(H, W, K) probabilities of one (H, W, C) image."""
+        if self.window is None:
+            return sliding_window(predict_fn, image, window=np.shape(image)[:2], overlap=0, batch_size=1,
+                                  blend=self.blend)
+        return sliding_window(predict_fn, image, window=self.window, overlap=self.overlap,
+                              batch_size=self.batch_size, blend=self.blend)
 
 
 def sliding_window(

@@ -1,6 +1,6 @@
 """Object-level metrics: connected-component instances, IoU matching, AP, F1, counting error.
 
-Instances of a semantic mask are its 8-connected foreground components (`label_instances`).
+Instances of a semantic mask are its 8-connected foreground components (`connected_components`).
 A predicted and a target instance match at threshold t when their IoU >= t, one-to-one; for
 t > 0.5 the matching is unique (two objects cannot both overlap a third by more than half of
 their unions), for t <= 0.5 the one-to-one matching maximising the number of matches is found
@@ -56,14 +56,14 @@ def threshold_key(name: str, threshold: float) -> str:
     return f"{name}@{threshold:.2f}"
 
 
-def label_instances(mask, *, connectivity: int = 8) -> np.ndarray:
+def connected_components(mask, *, connectivity: int = 8) -> np.ndarray:
     """Connected components of a 2-D binary mask (> 0 foreground) as int32 labels 0..n (0 = bg).
 
     connectivity: 8 (default, diagonal neighbours join) or 4.
     """
     mask = np.asarray(mask) > 0
     if mask.ndim != 2:
-        raise ValueError(f"label_instances expects a 2-D mask, got shape {mask.shape}")
+        raise ValueError(f"connected_components expects a 2-D mask, got shape {mask.shape}")
     if connectivity not in (4, 8):
         raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
     structure = ndimage.generate_binary_structure(2, 1 if connectivity == 4 else 2)
@@ -85,7 +85,7 @@ def as_instances(array, *, connectivity: int = 8) -> np.ndarray:
         raise ValueError("instance inputs must be bool or integer (threshold probabilities first)")
     values = np.unique(array)
     if array.dtype == bool or values[values != 0].size <= 1:
-        return label_instances(array, connectivity=connectivity)
+        return connected_components(array, connectivity=connectivity)
     _, relabelled = np.unique(array, return_inverse=True)
     relabelled = relabelled.reshape(array.shape).astype(np.int32)
     # np.unique sorts, so background 0 (if present) maps to 0; shift when there is none.

@@ -1,4 +1,4 @@
-"""Segmentation models: `create_model(name, **kwargs)` over the registry `MODELS`.
+"""Segmentation models: `create_model(name, **kwargs)` over the registry `MODELS`; `build_model(config.model)`.
 
 Every model maps images (B, H, W, C) to float32 logits (B, H, W, num_classes) via
 `__call__(x, *, train=False, return_features=False)`; with return_features=True it returns
@@ -9,7 +9,7 @@ running statistics in the 'batch_stats' collection.
 from neuroseg_jax.models import layers
 from neuroseg_jax.models.deeplab import DeepLabV3Plus
 from neuroseg_jax.models.imsahlo import IMSAHLO
-from neuroseg_jax.models.registry import MODELS, ModelEntry, create_model, model_kwargs
+from neuroseg_jax.models.registry import MODELS, ModelEntry, build_model, create_model, model_kwargs
 from neuroseg_jax.models.sharding import MODEL_AXIS, partition_specs, sharding_rules
 from neuroseg_jax.models.transunet import TransUNet, load_pretrained_npz
 from neuroseg_jax.models.unet import UNet
@@ -24,6 +24,7 @@ __all__ = [
     "TransUNet",
     "UNet",
     "UNetPlusPlus",
+    "build_model",
     "create_model",
     "layers",
     "load_pretrained_npz",

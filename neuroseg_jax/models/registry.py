@@ -1,7 +1,8 @@
 """Model registry: `MODELS` maps a name to a module class plus the defaults that define the variant.
 
 `create_model(name, **kwargs)` builds the module; kwargs override the variant defaults and must be
-fields of the module class (unknown names raise ValueError naming them). Lists become tuples so
+fields of the module class (unknown names raise ValueError naming them). `build_model(config.model)`
+does the same from a run's model config. Lists become tuples so
 configs from ml_collections produce hashable module fields. Every model takes `conv`, the
 convolution implementation of `neuroseg_jax.ops.conv2d` ('auto' or 'lax').
 """
@@ -122,3 +123,12 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     """
     config = model_kwargs(name, **kwargs)
     return MODELS[name].module(**config)
+
+
+def build_model(model_config: Mapping[str, Any]) -> nn.Module:
+    """The model of a run's ``config.model``: ``name`` picks the registered model, every other key
+    is its argument. Takes an ml_collections ConfigDict or a plain mapping."""
+    kwargs = dict(model_config.to_dict() if hasattr(model_config, "to_dict") else model_config)
+    if "name" not in kwargs:
+        raise ValueError(f"the model config has no 'name' (keys {sorted(kwargs)}); known models: {sorted(MODELS)}")
+    return create_model(kwargs.pop("name"), **kwargs)

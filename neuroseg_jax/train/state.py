@@ -79,7 +79,7 @@ def create_train_state(model: flax.linen.Module, tx: optax.GradientTransformatio
     """Initialise directly into its shardings (no full copy on one device first).
 
     ``init_outliers`` () -> (outlier buffers, {name: extra top-level params}) sets up outlier
-    synthesis (``loop.make_outlier_fns``); the extra params join the model's.
+    synthesis (``builders.make_outlier_fns``); the extra params join the model's.
 
     Returns the state and its sharding pytree (for ``jax.jit`` in/out shardings). Optimizer
     moments follow the sharding of the parameters they mirror because the rules match on the

@@ -15,9 +15,12 @@ import ml_collections
 import numpy as np
 
 from neuroseg_jax import data as data_lib
-from neuroseg_jax import inference, losses
+from neuroseg_jax import losses
+from neuroseg_jax.inference.evaluate import evaluate_dataset
+from neuroseg_jax.inference.predict import DEFAULT_POSTPROCESS, predict_files
+from neuroseg_jax.inference.sliding import SlidingWindow
+from neuroseg_jax.models import build_model
 from neuroseg_jax.train.checkpoint import restore_weights
-from neuroseg_jax.train.loop import build_model
 
 
 @dataclasses.dataclass
@@ -65,15 +68,13 @@ def make_predict_fn(model: flax.linen.Module, variables: dict) -> Callable[[np.n
     return lambda batch: np.asarray(probabilities(np.asarray(batch, np.float32)))
 
 
-def _inference_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    options = config.inference
-    return {"window": tuple(options.window), "overlap": _overlap_pixels(options.overlap, options.window),
-            "batch_size": int(options.batch_size), "blend": options.blend}
-
-
-def _overlap_pixels(overlap, window) -> tuple[int, int]:
-    """``config.inference.overlap`` is a fraction of the window (< 1) or pixels (>= 1)."""
-    return tuple(int(round(overlap * size)) if overlap < 1 else int(overlap) for size in window)
+def sliding_options(inference_config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """`SlidingWindow`'s keywords from ``config.inference``, whose overlap is a fraction of the
+    window (< 1) or pixels (>= 1)."""
+    window, overlap = tuple(inference_config.window), inference_config.overlap
+    tiling = SlidingWindow(window=window, batch_size=int(inference_config.batch_size), blend=inference_config.blend,
+                           overlap=tuple(int(round(overlap * size)) if overlap < 1 else int(overlap) for size in window))
+    return dataclasses.asdict(tiling)
 
 
 def evaluate_run(workdir: str | pathlib.Path, *, checkpoint: str = "best", split: str = "val",
@@ -93,10 +94,10 @@ def evaluate_run(workdir: str | pathlib.Path, *, checkpoint: str = "best", split
     if len(dataset) == 0:
         raise ValueError(f"split {split!r} of {run.config.data.source} data is empty")
     output_dir = pathlib.Path(output_dir or pathlib.Path(workdir) / "eval" / f"{checkpoint}-{split}")
-    results = inference.evaluate_dataset(
+    results = evaluate_dataset(
         make_predict_fn(run.model, run.variables), dataset, output_dir, tta_n=tta_n,
-        postprocess=dict(inference.DEFAULT_POSTPROCESS) if run.config.inference.postprocess else None,
-        progress=progress, **_inference_options(run.config))
+        postprocess=dict(DEFAULT_POSTPROCESS) if run.config.inference.postprocess else None,
+        progress=progress, **sliding_options(run.config.inference))
     results.update({"checkpoint": checkpoint, "step": run.step, "split": split, "data": run.config.data.root or
                     run.config.data.source, "output_dir": str(output_dir)})
     return results
@@ -121,8 +122,8 @@ def predict_run(workdir: str | pathlib.Path, inputs, output_dir: str | pathlib.P
     """Predict image files, folders or globs with a trained run; writes masks, probability maps,
     instance labels, overlays and a counts/morphology CSV to ``output_dir``."""
     run = load_run(workdir, checkpoint)
-    postprocess = dict(inference.DEFAULT_POSTPROCESS) if run.config.inference.postprocess else None
-    return inference.predict_files(
+    postprocess = dict(DEFAULT_POSTPROCESS) if run.config.inference.postprocess else None
+    return predict_files(
         make_predict_fn(run.model, run.variables), inputs, output_dir, tta_n=tta_n, postprocess=postprocess,
         load_image=_file_loader(run.config.data), progress=progress,
-        **_inference_options(run.config))
+        **sliding_options(run.config.inference))
