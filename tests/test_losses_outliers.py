@@ -19,7 +19,7 @@ from scipy.stats import entropy, multivariate_normal
 from conftest import tiny_train_config
 from neuroseg_jax import data, inference, losses, train
 from neuroseg_jax.losses import outliers, weighting
-from neuroseg_jax.train import checkpoint, loop, predictor, sharding
+from neuroseg_jax.train import builders, checkpoint, sharding
 
 
 def test_buffers_fill_and_roll_fifo():
@@ -225,6 +225,32 @@ def test_margin_term_does_not_change_when_the_logits_are_scaled():
     assert margin_loss(10.0) == pytest.approx(margin_loss(1.0), rel=1e-4)
 
 
+def test_uncertainty_loss_scores_outliers_with_the_configured_dice():
+    """MorphoSeg's Dice averages both classes with smoothing 1e-5 (config.loss.params.dice): the
+    uncertainty term's Dice must be that one, not the foreground-only default."""
+    labels = np.zeros((2, 16, 16), np.int32)
+    labels[0, 3:9, 4:12] = labels[1, 8:14, 2:7] = 1
+    logits = jnp.asarray(_trained_logits(labels, 2))
+    labels = jnp.asarray(labels)
+    buffers = outliers.update_buffers(outliers.init_buffers(2, 128, 2), logits, labels, jax.random.PRNGKey(0))
+    sampled = outliers.sample_outliers(buffers, jax.random.PRNGKey(1), num_candidates=1000, num_selected=100)
+    key = jax.random.PRNGKey(3)
+    synthetic, _ = outliers.synthesize_output(logits, labels, sampled, key, placement="replace")
+    shifted = np.asarray(synthetic, np.float64)
+    probs = np.exp(shifted - shifted.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    target = np.eye(2)[np.asarray(labels)]
+    per_class = [(2 * (probs[..., k] * target[..., k]).sum() + 1e-5)
+                 / ((probs[..., k] ** 2).sum() + (target[..., k] ** 2).sum() + 1e-5) for k in (0, 1)]
+    loss = jax.jit(lambda x: outliers.uncertainty_loss(
+        x, labels, sampled, key, beta1=0.0, beta2=1.0, placement="replace",
+        dice_params={"include_background": True, "epsilon": 1e-5}))(logits)
+    assert float(loss) == pytest.approx(1.0 - np.mean(per_class), abs=1e-5)
+    foreground_only = outliers.uncertainty_loss(logits, labels, sampled, key, beta1=0.0, beta2=1.0,
+                                                placement="replace")
+    assert abs(float(foreground_only) - float(loss)) > 1e-3
+
+
 def test_vos_energy_loss_is_finite_and_learns_its_logistic():
     labels = jnp.zeros((2, 8, 8), jnp.int32).at[:, 2:5, 2:6].set(1)
     for num_logits in (1, 2):
@@ -269,7 +295,7 @@ def test_vos_train_step_trains_the_energy_logistic():
                                   "outliers.buffer_size": 32, "outliers.max_per_class": 16,
                                   "outliers.num_candidates": 200, "outliers.num_selected": 20,
                                   "optim.name": "sgd", "optim.lr": 0.1})
-    trainer = loop.build_trainer(config, jax.devices()[:1])
+    trainer = builders.build_trainer(config, jax.devices()[:1])
     before = jax.device_get(trainer.state.params["vos_energy"])
     assert (float(before["weight"]), float(before["bias"])) == (1.0, 0.0)
     batch = sharding.global_batch(next(iter(data.make_loader(config.data, "train", batch_size=2, seed=0))),
@@ -324,7 +350,7 @@ def test_vos_run_checkpoints_and_predicts_an_uncertainty_map(tmp_path):
     assert float(variables["params"]["vos_energy"]["bias"]) != 0.0  # trained from step 2
     image = data.build_dataset(config.data, "val")[0]["image"][..., 0]
     cv2.imwrite(str(tmp_path / "a.png"), (image * 255).astype(np.uint8))
-    summary = predictor.predict_run(tmp_path, str(tmp_path / "a.png"), tmp_path / "predictions", progress=False)
+    summary = inference.predict_run(tmp_path, str(tmp_path / "a.png"), tmp_path / "predictions", progress=False)
     uncertainty = tifffile.imread(summary["processed"][0]["outputs"]["uncertainty"])
     assert uncertainty.dtype == np.float32 and np.all((uncertainty >= 0) & (uncertainty <= np.log(2) + 1e-6))
 

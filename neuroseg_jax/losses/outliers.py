@@ -69,7 +69,7 @@ All shapes are static, so every function is jittable and works on sharded inputs
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -301,6 +301,7 @@ def _logit_spread(logits: jax.Array, labels: jax.Array, mask: jax.Array | None) 
 def uncertainty_loss(logits: jax.Array, labels: jax.Array, outliers: Outliers, rng: jax.Array, *,
                      beta1: float = 1.0, beta2: float = 1.0, placement: str = "shift",
                      head_fn: Callable[[jax.Array], jax.Array] | None = None,
+                     dice_params: Mapping[str, Any] | None = None,
                      mask: jax.Array | None = None) -> jax.Array:
     """L_uncertainty = beta1 * CE(f_out, y) + beta2 * Dice(f_out, y) (MorphoSeg eqs. 13-15).
 
@@ -309,12 +310,15 @@ def uncertainty_loss(logits: jax.Array, labels: jax.Array, outliers: Outliers, r
     taken over the pixels that received an outlier, on f_out divided by the spread of the logits about
     their class means (a margin term in units of that spread: see the module docstring); with
     'replace' over all valid pixels, since the replaced pixels alone carry no gradient.
+    ``dice_params`` are the segmentation Dice's keyword arguments (``config.loss.params.dice``), so
+    that L_uncertainty scores the outliers with the Dice the model is trained with.
     """
     synthetic, placed = synthesize_output(logits, labels, outliers, rng, placement=placement, head_fn=head_fn,
                                           mask=mask)
     if placement == "shift":
         synthetic, mask = synthetic / _logit_spread(logits, labels, mask), placed
-    return beta1 * bce_loss(synthetic, labels, mask=mask) + beta2 * dice_loss(synthetic, labels, mask=mask)
+    return (beta1 * bce_loss(synthetic, labels, mask=mask)
+            + beta2 * dice_loss(synthetic, labels, mask=mask, **(dice_params or {})))
 
 
 def _negative_energy(logits: jax.Array) -> jax.Array:
@@ -366,6 +370,7 @@ def outlier_regularizer(buffers: OutlierBuffers, logits: jax.Array, labels: jax.
                         beta2: float = 1.0, variant: str = "uncertainty", placement: str = "shift",
                         energy_params: Mapping[str, jax.Array] | None = None,
                         head_fn: Callable[[jax.Array], jax.Array] | None = None,
+                        dice_params: Mapping[str, Any] | None = None,
                         mask: jax.Array | None = None) -> tuple[jax.Array, OutlierBuffers]:
     """One train-step of outlier synthesis: enqueue this batch, then (from ``start_step``) sample and score.
 
@@ -377,7 +382,8 @@ def outlier_regularizer(buffers: OutlierBuffers, logits: jax.Array, labels: jax.
       step: current train step (traced is fine); before ``start_step`` the loss is 0 and no sampling runs
         (``lax.cond``), but queues are still filled.
       embeddings: (B, H, W, D) embeddings to enqueue; default the logits themselves.
-      variant: 'uncertainty' (MorphoSeg eq. 15, needs beta1/beta2/placement) or 'vos' (energy loss).
+      variant: 'uncertainty' (MorphoSeg eq. 15, needs beta1/beta2/placement; its Dice takes
+        ``dice_params``) or 'vos' (energy loss).
       energy_params: {'weight', 'bias'} of the VOS logistic (differentiated: keep them in the params,
         see :func:`init_energy_params`); None uses the initial values. Unused by 'uncertainty'.
 
@@ -401,7 +407,7 @@ def outlier_regularizer(buffers: OutlierBuffers, logits: jax.Array, labels: jax.
             return vos_energy_loss(logits, outliers, weight=energy["weight"], bias=energy["bias"], head_fn=head_fn,
                                    mask=mask)
         return uncertainty_loss(logits, labels, outliers, place_rng, beta1=beta1, beta2=beta2,
-                                placement=placement, head_fn=head_fn, mask=mask)
+                                placement=placement, head_fn=head_fn, dice_params=dice_params, mask=mask)
 
     loss = jax.lax.cond(jnp.asarray(step) >= start_step, active, lambda _: jnp.zeros((), jnp.float32), None)
     return loss, buffers
