@@ -13,15 +13,28 @@ Arguments, comma-separated after the file name (``configs/imsahlo.py:quick,model
   loss=A+B+...   Table IV ablations: a row name of losses.IMSAHLO_ABLATIONS (e.g.
                  ``loss=tversky+contour``), or '+'-joined LOSS_TERMS names: terms of eq. 3 keep
                  their eq. 3 weights renormalised to sum 1, other combinations weigh equally
-  data=NAME      synthetic (default) | fnc (FNC release layout; set --config.data.root) |
-                 folder (any images/ + masks/ folder; set --config.data.root)
+  data=NAME      synthetic (default) | folder (any images/ + masks/ folder; set
+                 --config.data.root) | a protocol of configs/protocols.py on ../shared/data:
+                 pfc_pn (320x240, 224 px crops), bbbc039 (696x520, 256 px crops) or fnc (the
+                 4-image FNC sample, a smoke test); each with its fixed split file
+                 (configs/splits/), width 16, batch 8 and a CPU budget of steps
 """
+
+import pathlib
+import sys
 
 import ml_collections
 
 from neuroseg_jax.data.config import default_data_config
-from neuroseg_jax.losses.hybrid import IMSAHLO_ABLATIONS, IMSAHLO_PARAMS, IMSAHLO_WEIGHTS
-from neuroseg_jax.train.config import default_mesh_config, default_outlier_config, parse_config_arg
+from neuroseg_jax.losses.hybrid import IMSAHLO_ABLATIONS, IMSAHLO_PARAMS, IMSAHLO_WEIGHTS, imsahlo_term_weights
+from neuroseg_jax.models import MODELS
+from neuroseg_jax.train.config import (default_mesh_config, default_optim_config, default_outlier_config,
+                                       default_train_config, parse_config_arg)
+
+# Launchers load this file by its path: the repository root makes its sibling modules importable.
+if str(pathlib.Path(__file__).resolve().parents[1]) not in sys.path:
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from configs.protocols import PROTOCOLS  # noqa: E402
 
 # Hyper-parameters of every hybrid term, declared here so each is overridable by flag.
 LOSS_PARAMS = {
@@ -41,8 +54,7 @@ def loss_terms_from_spec(spec: str) -> dict[str, float]:
         return dict(IMSAHLO_ABLATIONS[spec])
     names = spec.split("+")
     if set(names) <= set(IMSAHLO_WEIGHTS):
-        total = sum(IMSAHLO_WEIGHTS[name] for name in names)
-        return {name: IMSAHLO_WEIGHTS[name] / total for name in names}
+        return imsahlo_term_weights(names)
     return {name: 1.0 / len(names) for name in names}
 
 
@@ -54,21 +66,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data = default_data_config()
     config.data.crop_size = (512, 768)
     config.data.clahe.enabled = True
-    if args["data"] == "fnc":
-        config.data.source = "folder"
-        config.data.layout = "fnc"
-        config.data.image_size = (512, 768)  # paper: INTER_AREA resize of the 1200x1600 images
-    elif args["data"] == "folder":
+    if args["data"] == "folder":
         config.data.source = "folder"
     elif args["data"] == "synthetic":
         config.data.synthetic.image_size = (512, 768)
-    else:
-        raise ValueError(f"configs/imsahlo.py: unknown data={args['data']!r}; use synthetic, fnc or folder")
+    elif args["data"] not in PROTOCOLS:
+        raise ValueError(f"configs/imsahlo.py: unknown data={args['data']!r}; use synthetic, folder or one of "
+                         f"{sorted(PROTOCOLS)}")
 
     # dtype 'bfloat16' = mixed precision: bf16 compute, float32 parameters and logits. conv: 'auto' (the
     # fast CPU gradients of neuroseg_jax.ops.conv2d) or 'lax' (plain lax convolution, forward mode too).
+    if args["model"] not in MODELS:
+        raise ValueError(f"configs/imsahlo.py: unknown model={args['model']!r}; use one of {sorted(MODELS)}")
     config.model = ml_collections.ConfigDict({"name": args["model"], "num_classes": 1, "width": 32,
-                                              "dtype": "float32", "conv": "auto"})
+                                              "dtype": "float32", "conv": "auto",
+                                              **MODELS[args["model"]].defaults})
 
     weights = loss_terms_from_spec(args["loss"])
     config.loss = ml_collections.ConfigDict({
@@ -80,30 +92,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.outliers = default_outlier_config()
 
-    config.optim = ml_collections.ConfigDict({
-        "name": "adamw", "lr": 3e-4, "weight_decay": 1e-4, "b1": 0.9, "b2": 0.999, "momentum": 0.9,
-        "clip_norm": 1.0, "schedule": "constant", "warmup_steps": 0, "poly_power": 0.9,
-        "ema_decay": 0.0,  # > 0: evaluate, keep as best and predict with an EMA of the weights
-        "plateau": {"factor": 0.5, "patience": 5, "min_scale": 1e-3, "threshold": 1e-4},
-    })
+    config.optim = default_optim_config()
+    config.optim.update({"name": "adamw", "lr": 3e-4, "weight_decay": 1e-4, "clip_norm": 1.0})
+    config.optim.plateau.update({"factor": 0.5, "patience": 5, "min_scale": 1e-3})
 
-    config.train = ml_collections.ConfigDict({
-        "batch_size": 16,
-        "num_epochs": 50,
-        "num_steps": 0,  # > 0 overrides num_epochs
-        "eval_every": 0,  # steps; 0 = once per epoch
-        "checkpoint_every": 0,  # steps; 0 = at every evaluation
-        "log_every": 10,
-        "keep_checkpoints": 2,
-        "early_stop": {"patience": 15},  # evaluations without improvement; 0 disables
-        "eval_batch_size": 0,  # 0 = batch_size
-        "num_preview": 4,
-    })
+    config.train = default_train_config()
+    config.train.update({"batch_size": 16, "num_epochs": 50})
+    config.train.early_stop.patience = 15
     config.mesh = default_mesh_config()
     config.inference = ml_collections.ConfigDict({
         "window": (512, 768), "overlap": 0.25, "batch_size": 4, "blend": "gaussian", "tta": False,
         "postprocess": True,
     })
+    if args["data"] in PROTOCOLS:
+        PROTOCOLS[args["data"]](config)
+        # The protocols' few hundred steps: at the paper's 3e-4 the loss is still falling steeply at the end.
+        config.optim.lr = 1e-3
 
     if args["quick"]:
         config.data.synthetic.num_images = 200  # 30 validation images; 40 left 6, too few for a stable Dice

@@ -14,15 +14,29 @@ Arguments, comma-separated after the file name (``configs/morphoseg.py:quick,enc
   quick              shrink to a CPU run of a few minutes (tiny transformer, 32 px crops)
   encoder=NAME       r50_b16 (default, hybrid) | vit_b16 | r50_l16 | r50_l32 | vit_l16
   weighting=NAME     balance (default) | norm | relative (eq. 18) | pareto (MGDA)
-  data=NAME          folder (default; set --config.data.root) | synthetic
+  data=NAME          folder (default; set --config.data.root) | synthetic | a protocol of
+                     configs/protocols.py on ../shared/data: pfc_pn, bbbc039 or fnc (smoke test),
+                     each with its fixed split file (configs/splits/), width 16, batch 8, its step
+                     budget, and multi-scale patches of the protocol's sizes resized to the model's
+                     224x224 input (crop and sliding window 224 px, 25 % overlap = 56 px);
+                     outliers start after 3/4 of the steps, as after epoch 150 of 200
 """
+
+import pathlib
+import sys
 
 import ml_collections
 
 from neuroseg_jax.data.config import default_data_config
 from neuroseg_jax.models import MODELS
-from neuroseg_jax.train.config import default_mesh_config, default_outlier_config, parse_config_arg
+from neuroseg_jax.train.config import (default_mesh_config, default_optim_config, default_outlier_config,
+                                       default_train_config, parse_config_arg)
 from neuroseg_jax.train.step import WEIGHTINGS
+
+# Launchers load this file by its path: the repository root makes its sibling modules importable.
+if str(pathlib.Path(__file__).resolve().parents[1]) not in sys.path:
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from configs.protocols import PROTOCOLS  # noqa: E402
 
 ENCODERS = {"r50_b16": "transunet_r50_b16", "vit_b16": "transunet_vit_b16",
             "r50_l16": "transunet_r50_l16", "r50_l32": "transunet_r50_l32", "vit_l16": "transunet_vit_l16"}
@@ -50,8 +64,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.data.patches.enabled = False
     elif args["data"] == "folder":
         config.data.source = "folder"
-    else:
-        raise ValueError(f"configs/morphoseg.py: unknown data={args['data']!r}; use folder or synthetic")
+    elif args["data"] not in PROTOCOLS:
+        raise ValueError(f"configs/morphoseg.py: unknown data={args['data']!r}; use folder, synthetic or one of "
+                         f"{sorted(PROTOCOLS)}")
 
     model_name = ENCODERS[args["encoder"]]
     # conv: 'auto' (the fast CPU gradients of neuroseg_jax.ops.conv2d) or 'lax' (plain lax convolution).
@@ -75,29 +90,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.outliers.enabled = True
     config.outliers.weight = 0.4
 
-    config.optim = ml_collections.ConfigDict({
-        "name": "sgd", "lr": 0.01, "weight_decay": 1e-4, "b1": 0.9, "b2": 0.999, "momentum": 0.9,
-        "clip_norm": 0.0, "schedule": "poly", "warmup_steps": 0, "poly_power": 0.9,
-        "ema_decay": 0.0,  # > 0: evaluate, keep as best and predict with an EMA of the weights
-        "plateau": {"factor": 1.0, "patience": 0, "min_scale": 1.0, "threshold": 1e-4},
-    })
-    config.train = ml_collections.ConfigDict({
-        "batch_size": 24,
-        "num_epochs": 200,
-        "num_steps": 0,
-        "eval_every": 0,
-        "checkpoint_every": 0,
-        "log_every": 20,
-        "keep_checkpoints": 2,
-        "early_stop": {"patience": 0},
-        "eval_batch_size": 0,
-        "num_preview": 4,
-    })
+    config.optim = default_optim_config()
+    config.optim.update({"name": "sgd", "lr": 0.01, "weight_decay": 1e-4, "momentum": 0.9, "schedule": "poly"})
+    config.train = default_train_config()
+    config.train.update({"batch_size": 24, "num_epochs": 200, "log_every": 20})
     config.mesh = default_mesh_config()
+    # overlap: a fraction of the window (< 1) or pixels (>= 1); 0.25 of 224 is the paper's 56 px.
     config.inference = ml_collections.ConfigDict({
-        "window": (224, 224), "overlap": 56, "batch_size": 16, "blend": "constant", "tta": False,
+        "window": (224, 224), "overlap": 0.25, "batch_size": 16, "blend": "constant", "tta": False,
         "postprocess": False,
     })
+    if args["data"] in PROTOCOLS:
+        PROTOCOLS[args["data"]](config)
+        # The protocol's patches become the model's 224x224 input; whole images are read through
+        # windows of that size.
+        config.data.crop_size = tuple(config.model.img_size)
+        config.inference.window = tuple(config.model.img_size)
+        # Outliers from the same point of the run as the paper's epoch 150 of 200 (with another
+        # --config.train.num_steps, set --config.outliers.start_step to 3/4 of it too).
+        config.outliers.start_step = config.train.num_steps * 3 // 4
 
     if args["quick"]:
         config.data.source = "synthetic"

@@ -56,6 +56,12 @@ def split_indices(
             f"{num_items} images cannot be split with val_fraction={val_fraction}, test_fraction={test_fraction}: "
             "no training image would remain"
         )
+    return _split_by_count(num_items, num_val=num_val, num_test=num_test, seed=seed, strata=strata)
+
+
+def _split_by_count(
+    num_items: int, *, num_val: int, num_test: int, seed: int, strata: Sequence[float] | None
+) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     order = rng.permutation(num_items)
     if strata is not None:
@@ -66,6 +72,28 @@ def split_indices(
     test, rest = _spread_pick(order, num_test, rng)
     val, train = _spread_pick(rest, num_val, rng)
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+
+
+def write_split_file(
+    path: str | Path,
+    names: Sequence[str],
+    *,
+    num_val: int,
+    num_test: int,
+    seed: int,
+    strata: Sequence[float] | None = None,
+) -> dict[str, list[str]]:
+    """Split `names` into exactly `num_val` validation and `num_test` test images (the rest train),
+    sampled as in `split_indices`, and write it as a JSON split file; returns what was written.
+
+    A fixed file keeps a protocol's split when the split code or the folder listing changes.
+    """
+    if min(num_val, num_test) < 0 or len(names) - num_val - num_test < 1:
+        raise ValueError(f"{len(names)} images cannot give {num_val} val and {num_test} test images and still train")
+    indices = _split_by_count(len(names), num_val=num_val, num_test=num_test, seed=seed, strata=strata)
+    content = {split: [names[i] for i in indices[split]] for split in SPLITS}
+    Path(path).write_text(json.dumps(content, indent=1) + "\n")
+    return content
 
 
 def read_split_file(path: str | Path) -> dict[str, list[str]]:

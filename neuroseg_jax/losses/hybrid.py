@@ -7,7 +7,7 @@ terms, so every IMSAHLO Table IV ablation is a weights dict (see ``IMSAHLO_ABLAT
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -41,21 +41,25 @@ IMSAHLO_PARAMS: dict[str, dict[str, float]] = {"tversky": {"alpha": 0.3, "beta":
                                                "focal": {"alpha": 0.8, "gamma": 3.0}}
 
 
-def _ablation(*terms: str) -> dict[str, float]:
-    """IMSAHLO weights of the chosen terms, renormalised to sum to 1 (the paper gives no combo weights)."""
-    total = sum(IMSAHLO_WEIGHTS[name] for name in terms)
-    return {name: IMSAHLO_WEIGHTS[name] / total for name in terms}
+def imsahlo_term_weights(names: Sequence[str]) -> dict[str, float]:
+    """Eq. 3 weights of the chosen terms, renormalised to sum to 1 (the paper gives no weights for its
+    Table IV combinations): ``['tversky', 'focal']`` -> 0.4 / 0.7 and 0.3 / 0.7."""
+    unknown = [name for name in names if name not in IMSAHLO_WEIGHTS]
+    if unknown or not names:
+        raise ValueError(f"IMSAHLO eq. 3 terms {list(names)}: need at least one, all among {sorted(IMSAHLO_WEIGHTS)}")
+    total = sum(IMSAHLO_WEIGHTS[name] for name in names)
+    return {name: IMSAHLO_WEIGHTS[name] / total for name in names}
 
 
 # IMSAHLO Table IV rows as weight dicts ("contour" in the table is the boundary term).
 IMSAHLO_ABLATIONS: dict[str, dict[str, float]] = {
-    "tversky": _ablation("tversky"),
-    "contour": _ablation("boundary"),
-    "focal": _ablation("focal"),
-    "cldice": _ablation("cldice"),
-    "tversky+contour": _ablation("tversky", "boundary"),
-    "tversky+focal": _ablation("tversky", "focal"),
-    "tversky+contour+focal": _ablation("tversky", "boundary", "focal"),
+    "tversky": imsahlo_term_weights(["tversky"]),
+    "contour": imsahlo_term_weights(["boundary"]),
+    "focal": imsahlo_term_weights(["focal"]),
+    "cldice": imsahlo_term_weights(["cldice"]),
+    "tversky+contour": imsahlo_term_weights(["tversky", "boundary"]),
+    "tversky+focal": imsahlo_term_weights(["tversky", "focal"]),
+    "tversky+contour+focal": imsahlo_term_weights(["tversky", "boundary", "focal"]),
     "hybrid": dict(IMSAHLO_WEIGHTS),
 }
 

@@ -31,6 +31,38 @@ def default_mesh_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({"data": -1, "model": 1, "fsdp": False, "fsdp_min_size": 2**16})
 
 
+def default_optim_config() -> ml_collections.ConfigDict:
+    """``config.optim``: every optimizer key; the defaults switch clipping, warm-up, EMA and the
+    plateau rule off, so a config states only the values its paper sets."""
+    return ml_collections.ConfigDict({
+        "name": "adamw",  # 'adamw' | 'sgd' (with momentum)
+        "lr": 1e-3, "weight_decay": 0.0, "b1": 0.9, "b2": 0.999, "momentum": 0.9,
+        "clip_norm": 0.0,  # global-norm clipping; 0 = none
+        "schedule": "constant",  # 'constant' | 'cosine' | 'poly' (to 0 over the run)
+        "warmup_steps": 0, "poly_power": 0.9,
+        "ema_decay": 0.0,  # > 0: evaluate, keep as best and predict with an EMA of the weights
+        # ReduceLROnPlateau on the validation loss: after `patience` evaluations without a relative
+        # improvement of `threshold`, the LR scale is multiplied by `factor` (not below min_scale); 0 = off.
+        "plateau": {"factor": 1.0, "patience": 0, "min_scale": 1.0, "threshold": 1e-4},
+    })
+
+
+def default_train_config() -> ml_collections.ConfigDict:
+    """``config.train``: batch, length, evaluation and checkpoint cadence, early stopping."""
+    return ml_collections.ConfigDict({
+        "batch_size": 8,  # global, over all processes
+        "num_epochs": 1,
+        "num_steps": 0,  # > 0 overrides num_epochs
+        "eval_every": 0,  # steps; 0 = once per epoch
+        "checkpoint_every": 0,  # steps; 0 = at every evaluation
+        "log_every": 10,
+        "keep_checkpoints": 2,
+        "early_stop": {"patience": 0},  # evaluations without improvement; 0 disables
+        "eval_batch_size": 0,  # 0 = batch_size
+        "num_preview": 4,  # validation images drawn at each evaluation
+    })
+
+
 def default_outlier_config() -> ml_collections.ConfigDict:
     """``config.outliers``: virtual outlier synthesis (MorphoSeg §3.2-3.3; off unless enabled)."""
     return ml_collections.ConfigDict({
