@@ -28,6 +28,10 @@ NOTES = {
     "monai_basicunet_dicece": "Reference: MONAI BasicUNet with DiceCELoss(sigmoid=True), trained in PyTorch "
                               "on our loader's batches of the same protocol (crops, augmentation, steps, "
                               "batch, lr schedule, weight decay), best checkpoint by validation loss.",
+    "three_class": "Instance mode ('-three_class' rows): background / interior / boundary targets from the "
+                   "instance labels, softmax CE + Dice over 3 classes, objects decoded by seeded watershed "
+                   "(config.instances); the binary rows' objects are connected components, so touching "
+                   "nuclei merge.",
     "morphoseg": "MorphoSeg rows: the CPU-sized TransUNet of transunet_small, CE + Dice over 2 softmax "
                  "classes; '-outliers' adds virtual outlier synthesis and the uncertainty loss for the last "
                  "quarter of the steps (MorphoSeg: from epoch 150 of 200).",
@@ -72,6 +76,7 @@ TITLES = {
     "table3": "Architecture ladder (IMSAHLO Table III)",
     "table4": "Loss ablations of IMSAHLO (IMSAHLO Table IV)",
     "morphoseg": "TransUNet with and without virtual outliers x loss weighting (MorphoSeg)",
+    "instances": "Touching nuclei: binary mask vs instance mode (BBBC039)",
     "smoke": "Smoke run on the 4 public FNC images",
     "tiny": "Tiny synthetic runs (tests)",
 }
@@ -89,6 +94,10 @@ GRIDS = {
          {**TRANSUNET_SMALL, "outliers.enabled": outliers},
          ONE_SEED)
         for weighting in MORPHOSEG_WEIGHTINGS for outliers in (False, True)],
+    # The binary unet row is Table II's (same command and seeds: one set of runs).
+    "instances": [_model_row("bbbc039", "unet", "unet", THREE_SEEDS)] + [
+        ("bbbc039", f"{model}-three_class", f"configs/imsahlo.py:data=bbbc039,model={model},instances=three_class",
+         {}, ONE_SEED) for model in ("unet", "imsahlo")],
     "smoke": [("fnc", "unet", "configs/imsahlo.py:data=fnc,model=unet", {}, ONE_SEED)],
     # For tests: two seeds of a 4-wide U-Net trained 4 steps on 32 px crops of synthetic images.
     "tiny": [("synthetic", "unet_tiny", "configs/imsahlo.py:quick,model=unet,loss=dice+bce", {

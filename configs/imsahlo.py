@@ -18,6 +18,12 @@ Arguments, comma-separated after the file name (``configs/imsahlo.py:quick,model
                  pfc_pn (320x240, 224 px crops), bbbc039 (696x520, 256 px crops) or fnc (the
                  4-image FNC sample, a smoke test); each with its fixed split file
                  (configs/splits/), width 16, batch 8 and a CPU budget of steps
+  instances=MODE none (default: objects are the binary mask's connected components) |
+                 three_class (instance mode: the masks must be instance labels, e.g. bbbc039's; the
+                 model gets num_classes=3 for background / interior / boundary targets, the loss
+                 is softmax CE + Dice averaged over the interior and boundary classes unless loss=
+                 is given, and objects are decoded by seeded watershed; decode settings in
+                 config.instances, see data.config.default_instances_config)
 """
 
 import pathlib
@@ -25,7 +31,7 @@ import sys
 
 import ml_collections
 
-from neuroseg_jax.data.config import default_data_config
+from neuroseg_jax.data.config import INSTANCE_MODES, default_data_config, default_instances_config
 from neuroseg_jax.losses.hybrid import IMSAHLO_ABLATIONS, IMSAHLO_PARAMS, IMSAHLO_WEIGHTS, imsahlo_term_weights
 from neuroseg_jax.models import MODELS
 from neuroseg_jax.train.config import (default_mesh_config, default_optim_config, default_outlier_config,
@@ -59,7 +65,8 @@ def loss_terms_from_spec(spec: str) -> dict[str, float]:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = parse_config_arg(arg, {"quick": False, "model": "imsahlo", "loss": "", "data": "synthetic"})
+    args = parse_config_arg(arg, {"quick": False, "model": "imsahlo", "loss": "", "data": "synthetic",
+                                  "instances": "none"})
     config = ml_collections.ConfigDict()
     config.seed = 0
 
@@ -90,6 +97,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "primary": "",  # the term the others are scaled to with weighting='relative' (MorphoSeg eq. 18)
     })
 
+    if args["instances"] not in INSTANCE_MODES:
+        raise ValueError(f"configs/imsahlo.py: unknown instances={args['instances']!r}; use one of {INSTANCE_MODES}")
+    config.instances = default_instances_config()
+    config.instances.mode = args["instances"]
+    if args["instances"] == "three_class":
+        config.model.num_classes = 3
+        if not args["loss"]:
+            # Softmax CE + Dice (Dice over classes 1, 2: interior and boundary); the eq. 3 terms are
+            # built for a binary foreground.
+            config.loss.terms = {"bce": 0.5, "dice": 0.5}
+            config.loss.params = {}
+
     config.outliers = default_outlier_config()
 
     config.optim = default_optim_config()
@@ -103,6 +122,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.inference = ml_collections.ConfigDict({
         "window": (512, 768), "overlap": 0.25, "batch_size": 4, "blend": "gaussian", "tta": False,
         "postprocess": True,
+        # Foreground probability threshold of masks; choose_threshold picks it on the validation
+        # split instead (stored with the checkpoint, see inference.choose_threshold).
+        "threshold": 0.5, "choose_threshold": False,
     })
     if args["data"] in PROTOCOLS:
         PROTOCOLS[args["data"]](config)

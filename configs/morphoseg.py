@@ -99,6 +99,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.inference = ml_collections.ConfigDict({
         "window": (224, 224), "overlap": 0.25, "batch_size": 16, "blend": "constant", "tta": False,
         "postprocess": False,
+        # Foreground probability threshold of masks; choose_threshold picks it on the validation
+        # split instead (stored with the checkpoint, see inference.choose_threshold).
+        "threshold": 0.5, "choose_threshold": False,
     })
     if args["data"] in PROTOCOLS:
         PROTOCOLS[args["data"]](config)

@@ -10,3 +10,20 @@ from absl import flags
 WORKDIR = flags.DEFINE_string("workdir", None, "Training run folder.", required=True)
 CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
 TTA = flags.DEFINE_integer("tta", 0, "Test-time augmentations (IMSAHLO: 5; <= 1: none).")
+THRESHOLD = flags.DEFINE_string(
+    "threshold", None, "Foreground probability threshold of the masks: a number strictly between 0 and 1, or 'val' "
+    "for the one chosen on the validation split and stored with the checkpoint (chosen first if absent). Default: "
+    "config.inference.threshold, or the validation choice with config.inference.choose_threshold.")
+
+
+def _valid_threshold(value: str | None) -> bool:
+    if value is None or value == "val":
+        return True
+    try:
+        return 0.0 < float(value) < 1.0
+    except ValueError:
+        return False
+
+
+flags.register_validator("threshold", _valid_threshold,
+                         "--threshold must be 'val' or a number strictly between 0 and 1")

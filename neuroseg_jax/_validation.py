@@ -33,3 +33,15 @@ def pair(value: int | Sequence[int], name: str = "size", *, minimum: int | None 
     if minimum is not None and min(result) < minimum:
         raise ValueError(f"{name} must be at least {minimum}, got {value!r}")
     return result
+
+
+def probability(value, key: str) -> float:
+    """``value`` as a probability strictly between 0 and 1 (a decision threshold), else a
+    ValueError naming ``key``."""
+    try:
+        threshold = float(value)
+    except (TypeError, ValueError):
+        threshold = float("nan")
+    if not 0.0 < threshold < 1.0:  # NaN fails too
+        raise ValueError(f"{key} must be a probability strictly between 0 and 1, got {value!r}")
+    return threshold

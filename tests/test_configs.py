@@ -207,3 +207,11 @@ def test_imsahlo_ablation_weights_renormalise_eq3():
     assert dict(imsahlo.get_config("loss=dice+bce").loss.terms) == pytest.approx({"dice": 0.5, "bce": 0.5})
     with pytest.raises(ValueError, match="dice"):
         losses.hybrid.imsahlo_term_weights(["tversky", "dice"])
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.0, 1.5, float("nan")])
+def test_a_decision_threshold_outside_zero_one_fails_before_training(threshold):
+    config = importlib.import_module("configs.imsahlo").get_config("quick")
+    config.inference.threshold = threshold
+    with pytest.raises(ValueError, match=r"config\.inference\.threshold must be a probability"):
+        validate_config(config, 1, 1)

@@ -150,17 +150,19 @@ def test_morphology_table_rectangle():
     image = np.zeros((20, 30, 1), np.float32)
     image[3:7, 5:15] = 0.25
     (row,) = inference.morphology_table(labels, image)
-    assert row["label"] == 4 and row["area"] == 40
-    assert (row["centroid_y"], row["centroid_x"]) == pytest.approx((4.5, 9.5))
-    assert row["equivalent_diameter"] == pytest.approx(math.sqrt(160 / math.pi))
-    assert row["max_feret_diameter"] == pytest.approx(math.hypot(4, 10))
-    assert row["mean_diameter"] == pytest.approx(2 * (4 + 10) / math.pi)
+    assert row["label"] == 4 and row["area"] == 40 and row["unit"] == "pixel"
+    assert (row["centroid-0"], row["centroid-1"]) == pytest.approx((4.5, 9.5))
+    assert row["equivalent_diameter_area"] == pytest.approx(math.sqrt(160 / math.pi))
+    # skimage's contour of the pixel squares cuts their corners: 3 x 10 between the farthest points.
+    assert row["feret_diameter_max"] == pytest.approx(math.hypot(3, 10))
+    assert row["feret_diameter_mean"] == pytest.approx(2 * (4 + 10) / math.pi)
     # Ellipse with the same second moments: axis = 4 sqrt(var), var of n pixels = (n^2 - 1) / 12.
-    assert row["major_axis"] == pytest.approx(4 * math.sqrt(99 / 12), rel=1e-6)
-    assert row["minor_axis"] == pytest.approx(4 * math.sqrt(15 / 12), rel=1e-6)
-    assert row["mean_intensity"] == pytest.approx(0.25)
-    scaled = inference.morphology_table(labels, image, spacing=0.5)[0]
-    assert scaled["area"] == 10 and scaled["max_feret_diameter"] == pytest.approx(row["max_feret_diameter"] / 2)
+    assert row["axis_major_length"] == pytest.approx(4 * math.sqrt(99 / 12), rel=1e-6)
+    assert row["axis_minor_length"] == pytest.approx(4 * math.sqrt(15 / 12), rel=1e-6)
+    assert row["intensity_mean"] == pytest.approx(0.25)
+    scaled = inference.morphology_table(labels, image, spacing=0.5, unit="um")[0]
+    assert scaled["area"] == 10 and scaled["feret_diameter_max"] == pytest.approx(row["feret_diameter_max"] / 2)
+    assert scaled["feret_diameter_mean"] == pytest.approx(row["feret_diameter_mean"] / 2)
 
 
 def threshold_predictor(windows):

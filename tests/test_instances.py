@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import tifffile
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
@@ -189,3 +190,193 @@ def test_bad_inputs_named():
         instances_from_three_class(np.zeros((4, 4, 2), np.float32))
     with pytest.raises(ValueError, match="seed_threshold"):
         instances_from_three_class(np.zeros((4, 4, 3), np.float32), seed_threshold=1.5)
+
+
+# Instance mode end to end: loader targets, the binary-mask error, training and evaluation.
+
+LABEL_LEVEL = 20  # image = label * LABEL_LEVEL / 255: the labels survive flips, rot90 and crops exactly
+
+
+def write_instance_folder(root, label_images, *, binary=False):
+    """images/ + masks/ of uint8 PNGs; the image encodes the labels (LABEL_LEVEL per id), the mask
+    holds the labels, or with `binary` a {0, 255} mask."""
+    import cv2
+
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for index, labels in enumerate(label_images):
+        cv2.imwrite(str(root / "images" / f"img{index}.png"), (labels * LABEL_LEVEL).astype(np.uint8))
+        mask = np.where(labels > 0, 255, 0) if binary else labels
+        cv2.imwrite(str(root / "masks" / f"img{index}.png"), mask.astype(np.uint8 if binary else np.uint16))
+    return root
+
+
+def touching_pairs(count, shape=(40, 40), radius=8):
+    """`count` label images of two touching discs each, at seeded random places."""
+    rng = np.random.default_rng(7)
+    images = []
+    for _ in range(count):
+        top, left = rng.integers(radius + 1, shape[0] - 3 * radius - 2, size=2)
+        images.append(touching_discs(shape, [(top + radius, left), (top + radius, left + int(1.5 * radius))],
+                                     radius))
+    return images
+
+
+def labels_from_image(image):
+    return np.rint(np.asarray(image)[..., 0] * 255 / LABEL_LEVEL).astype(np.int32)
+
+
+def instance_data_config(root):
+    from neuroseg_jax.data.config import default_data_config
+
+    config = default_data_config()
+    config.update({"source": "folder", "root": str(root), "normalize": "dtype", "crop_size": (24, 24),
+                   "read_threads": 1, "prefetch": 0})
+    config.split.update({"val_fraction": 0.25, "test_fraction": 0.25})
+    # Geometric augmentation that moves pixels without interpolating them, nothing photometric.
+    config.augment.update({"hflip": 0.5, "vflip": 0.5, "rot90": 0.5})
+    config.augment.rotate.p = 0.0
+    for name in ("brightness_contrast", "gaussian_noise", "gaussian_blur"):
+        config.augment[name].p = 0.0
+    return config
+
+
+def three_class_mode(boundary_width=1):
+    from neuroseg_jax.data.config import default_instances_config
+
+    instances = default_instances_config()
+    instances.update({"mode": "three_class", "boundary_width": boundary_width})
+    return instances
+
+
+@pytest.mark.parametrize("width", [1, 2])
+def test_loader_masks_are_three_class_targets_of_the_augmented_crop(tmp_path, width):
+    from neuroseg_jax.data import make_loader
+
+    rng = np.random.default_rng(3)
+    label_images = [touching_discs((40, 40), rng.uniform(4, 36, size=(6, 2)), radius=7) for _ in range(8)]
+    config = instance_data_config(write_instance_folder(tmp_path / "data", label_images))
+    loader = make_loader(config, "train", batch_size=2, seed=0, instances=three_class_mode(width))
+    batches = [batch for batch, _ in zip(loader, range(3))]
+    crops_differ_from_originals = False
+    for batch in batches:
+        assert batch["mask"].shape == (2, 24, 24) and batch["mask"].dtype == np.int32
+        for image, mask in zip(batch["image"], batch["mask"]):
+            labels = labels_from_image(image)  # the labels after flips, rot90 and the random crop
+            np.testing.assert_array_equal(mask, reference_targets(labels, width))
+            crops_differ_from_originals |= not any(
+                np.array_equal(labels, original[r:r + 24, c:c + 24])
+                for original in label_images for r in range(17) for c in range(17))
+    assert crops_differ_from_originals  # the augmentation did move pixels
+    # Validation: centre crop, no augmentation.
+    val = next(iter(make_loader(config, "val", batch_size=2, seed=0, instances=three_class_mode(width))))
+    for image, mask in zip(val["image"], val["mask"]):
+        np.testing.assert_array_equal(mask, reference_targets(labels_from_image(image), width))
+    # Mode 'none' keeps the binary masks.
+    binary = next(iter(make_loader(config, "val", batch_size=2, seed=0)))
+    np.testing.assert_array_equal(binary["mask"], (val["mask"] > 0).astype(np.int32))
+
+
+def test_binary_masks_in_instance_mode_name_the_file(tmp_path):
+    from configs import imsahlo
+    from neuroseg_jax.data import build_dataset, make_loader
+    from neuroseg_jax.train.config import validate_config
+
+    labels = np.zeros((40, 40), np.int32)
+    labels[2:10, 2:10] = 1
+    labels[20:30, 20:30] = 2
+    config = instance_data_config(write_instance_folder(tmp_path / "data", [labels] * 4, binary=True))
+    loader = make_loader(config, "train", batch_size=1, seed=0, instances=three_class_mode())
+    with pytest.raises(ValueError, match=r"instance mode needs instance labels.*masks/img\d\.png holds a binary"):
+        next(iter(loader))
+    with pytest.raises(ValueError, match="require_instance_labels"):
+        make_loader(config, "val", batch_size=1, seed=0, dataset=build_dataset(config, "val", with_instances=True),
+                    instances=three_class_mode())
+    next(iter(make_loader(config, "val", batch_size=1, seed=0)))  # binary mode reads them
+    model_config = imsahlo.get_config("quick,model=unet,instances=three_class")
+    model_config.model.num_classes = 1
+    with pytest.raises(ValueError, match="num_classes=3"):
+        validate_config(model_config, 1, 1)
+    with pytest.raises(ValueError, match="instances='bogus'"):
+        imsahlo.get_config("quick,instances=bogus")
+
+
+def test_synthetic_instance_mode_targets():
+    from neuroseg_jax.data import build_dataset, make_loader
+    from neuroseg_jax.data.config import default_data_config
+
+    config = default_data_config()
+    config.synthetic.update({"num_images": 4, "image_size": (48, 48)})
+    config.split.update({"val_fraction": 0.5, "test_fraction": 0.0})
+    config.update({"read_threads": 1, "prefetch": 0})
+    batch = next(iter(make_loader(config, "val", batch_size=2, seed=0, instances=three_class_mode())))
+    dataset = build_dataset(config, "val", require_instance_labels=True)
+    for index, mask in enumerate(batch["mask"]):
+        np.testing.assert_array_equal(mask, reference_targets(dataset.instances(index), 1))
+
+
+def perfect_three_class_predictor(batch):
+    """(n, h, w, C) images that encode their labels -> one-hot three-class probabilities."""
+    return np.stack([onehot(three_class_targets(labels_from_image(image))) for image in batch])
+
+
+def test_instance_mode_trains_and_evaluates_objects_from_the_watershed(tmp_path, monkeypatch):
+    from configs import imsahlo
+    from neuroseg_jax import inference, train
+    from neuroseg_jax.inference import runs
+    from neuroseg_jax.train import loop
+
+    label_images = touching_pairs(8)
+    assert all(connected_components(labels > 0).max() == 1 and labels.max() == 2 for labels in label_images)
+    root = write_instance_folder(tmp_path / "data", label_images)
+    config = imsahlo.get_config("quick,model=unet,data=folder,instances=three_class")
+    assert dict(config.loss.terms) == {"bce": 0.5, "dice": 0.5} and config.model.num_classes == 3
+    config.data.update({"root": str(root), "image_size": None, "crop_size": (32, 32), "normalize": "dtype"})
+    config.data.split.update({"val_fraction": 0.25, "test_fraction": 0.25})
+    config.model.width = 4
+    config.train.update({"batch_size": 2, "num_steps": 2, "eval_every": 2, "log_every": 1, "num_preview": 1})
+    config.inference.update({"window": (40, 40), "batch_size": 1})
+
+    loaders = []
+    make_loader = loop.data_lib.make_loader
+
+    def recording_loader(data_config, split, **kwargs):
+        loader = make_loader(data_config, split, **kwargs)
+        if kwargs.get("instances") is not None and kwargs["instances"].mode == "three_class":
+            loaders.append(split)
+        return loader
+
+    monkeypatch.setattr(loop.data_lib, "make_loader", recording_loader)
+    train.train_and_evaluate(config, tmp_path / "run")
+    assert {"train", "val"} <= set(loaders)  # training and validation batches were three-class
+
+    monkeypatch.setattr(runs, "make_predict_fn", lambda model, variables: perfect_three_class_predictor)
+    results = inference.evaluate_run(tmp_path / "run", split="test", tta_n=0, progress=False,
+                                     output_dir=tmp_path / "eval")
+    assert results["instances"] == "three_class" and set(results["variants"]) == {"raw"}
+    pooled = results["variants"]["raw"]["pooled"]
+    assert pooled["n_target"] == pooled["n_pred"] == 4  # 2 test images x 2 touching discs
+    assert pooled["f1@0.50"] == 1.0 and results["variants"]["raw"]["per_image_mean"]["abs_count_error"] == 0
+    assert pooled["dice"] == 1.0
+
+    # The same perfect foreground as a binary mask merges each pair: connected components count 1.
+    binary_config = runs.load_config(tmp_path / "run")
+    binary_config.instances.mode = "none"
+    test_images = loop.data_lib.build_dataset(binary_config.data, "test")
+    binary = inference.evaluate_dataset(
+        lambda batch: 1.0 - perfect_three_class_predictor(batch)[..., :1], test_images, tmp_path / "binary",
+        tta_n=0, postprocess=None, window=(40, 40), overlap=0, batch_size=1)
+    assert binary["instances"] == "none"
+    assert binary["variants"]["raw"]["pooled"]["n_pred"] == 2
+    assert binary["variants"]["raw"]["pooled"]["dice"] == 1.0
+    # label_instances dispatches: binary mask -> components, three-class probabilities -> watershed.
+    targets = three_class_targets(label_images[0])
+    assert inference.label_instances(targets > 0).max() == 1
+    assert inference.label_instances(onehot(targets), instances=config.instances).max() == 2
+
+    # predict_run writes the watershed's labels: both discs of every pair, each with its own id.
+    summary = inference.predict_run(tmp_path / "run", str(root / "images"), tmp_path / "predicted", progress=False)
+    assert [entry["count"] for entry in summary["processed"]] == [2] * len(label_images)
+    written = tifffile.imread(tmp_path / "predicted" / "img0_labels.tif")
+    assert np.array_equal(np.unique(written), [0, 1, 2])
+    assert float(instance_metrics(written, label_images[0])["f1@0.50"]) == 1.0

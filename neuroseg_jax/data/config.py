@@ -35,6 +35,32 @@ def default_augment_config() -> ml_collections.ConfigDict:
     )
 
 
+INSTANCE_MODES = ("none", "three_class")
+
+
+def default_instances_config() -> ml_collections.ConfigDict:
+    """``config.instances``: how objects are separated (see neuroseg_jax.data.instance_targets).
+
+    Keys:
+      mode: 'none' (objects are the connected components of the binary mask) | 'three_class'
+        (the masks must be instance labels; the model, with model.num_classes=3, learns background /
+        interior / boundary targets and objects are decoded by seeded watershed).
+      boundary_width: pixels of the boundary band of the three-class targets.
+      seed_threshold, foreground_threshold, min_seed_size, min_size: the watershed decode
+        (inference.watershed.instances_from_three_class); min_size 15 as the binary post-processing.
+    """
+    return ml_collections.ConfigDict(dict(mode="none", boundary_width=1, seed_threshold=0.5,
+                                          foreground_threshold=0.5, min_seed_size=1, min_size=15))
+
+
+def instance_mode(instances: ml_collections.ConfigDict | None) -> str:
+    """The checked ``config.instances.mode``; 'none' for configs without the block (older runs)."""
+    mode = "none" if instances is None else instances.get("mode", "none")
+    if mode not in INSTANCE_MODES:
+        raise ValueError(f"config.instances.mode={mode!r}: expected one of {INSTANCE_MODES}")
+    return mode
+
+
 def default_data_config() -> ml_collections.ConfigDict:
     """Return the data ConfigDict with every key the data layer reads.
 
@@ -83,6 +109,8 @@ def default_data_config() -> ml_collections.ConfigDict:
             normalize="percentile",
             percentiles=(0.5, 99.8),
             tiff_page="max",
+            pixel_size=0.0,  # physical pixel size of files without calibration metadata (0 = unknown)
+            pixel_unit="um",  # unit of pixel_size: 'um' (also 'µm', 'micron'), 'nm' or 'mm'
             clahe=dict(enabled=False, clip_limit=3.0, tile_grid=(8, 8), after_augment=True, bit_depth=8),
             augment=default_augment_config(),
             # U-Net's values (Ronneberger et al. 2015): w0 = 10, sigma ~ 5 px.

@@ -26,6 +26,7 @@ uint16 file unchanged (relabel to 1..n first).
 
 from __future__ import annotations
 
+import grain.python as grain
 import numpy as np
 from scipy import ndimage
 
@@ -102,12 +103,29 @@ def three_class_targets(instance_labels, *, boundary_width: int = DEFAULT_BOUNDA
     return targets
 
 
+class ThreeClassTargets(grain.MapTransform):
+    """Replaces `mask` by the three-class targets of the element's instance labels. Runs after the
+    geometric augmentation and the crop, so the boundary band is that of the pixels the model sees
+    (a band computed before a rotation would be resampled, a crop adds no boundary)."""
+
+    def __init__(self, boundary_width: int = DEFAULT_BOUNDARY_WIDTH):
+        three_class_targets(np.zeros((1, 1), np.int32), boundary_width=boundary_width)  # checks the width
+        self.boundary_width = int(boundary_width)
+
+    def map(self, element: dict) -> dict:
+        if "instances" not in element:
+            raise ValueError("three-class targets need instance labels: build the dataset with "
+                             "require_instance_labels=True")
+        return {**element, "mask": three_class_targets(element["instances"], boundary_width=self.boundary_width)}
+
+
 __all__ = [
     "BACKGROUND",
     "BOUNDARY",
     "DEFAULT_BOUNDARY_WIDTH",
     "INTERIOR",
     "NUM_CLASSES",
+    "ThreeClassTargets",
     "boundary_footprint",
     "check_instance_labels",
     "three_class_targets",

@@ -13,11 +13,17 @@ Mask rule (documented, checked on every read):
     class, and is rejected.
   * negative values, floats other than exactly {0.0, 1.0}, multi-channel masks whose channels
     differ: rejected.
+
+Pixel size (`read_pixel_size`): from ImageJ TIFF metadata (the `unit` entry of the description
+and the XResolution / YResolution tags, pixels per unit) or OME-XML (PhysicalSizeX/Y with their
+units), converted to micrometres. Plain TIFF resolution tags (inch / centimetre) are not read:
+most software writes a screen or print resolution (72 dpi) there, not the microscope's.
 """
 
 from __future__ import annotations
 
 import os
+import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 import cv2
@@ -36,6 +42,78 @@ _PERCENTILE_MAX_PIXELS = 1 << 18
 
 class ImageReadError(ValueError):
     """A file could not be decoded or its content breaks the documented rules."""
+
+
+# Micrometres per unit, keyed by the lower-case spellings ImageJ, OME and users write.
+_MICROMETRES_PER_UNIT = {
+    "um": 1.0, "µm": 1.0, "μm": 1.0, "\\u00b5m": 1.0, "micron": 1.0, "microns": 1.0, "micrometer": 1.0,
+    "micrometre": 1.0, "micrometers": 1.0, "micrometres": 1.0,
+    "nm": 1e-3, "nanometer": 1e-3, "nanometre": 1e-3, "nanometers": 1e-3, "nanometres": 1e-3,
+    "mm": 1e3, "millimeter": 1e3, "millimetre": 1e3, "millimeters": 1e3, "millimetres": 1e3,
+    "cm": 1e4, "m": 1e6, "inch": 25400.0,
+}
+# What ImageJ writes for an uncalibrated image.
+_UNCALIBRATED_UNITS = ("", "pixel", "pixels", "px")
+
+
+def to_micrometres(size: float, unit: str, *, source: str) -> float:
+    """``size`` in ``unit`` as micrometres; an unknown unit or a size <= 0 raises a ValueError
+    naming ``source`` (the file, flag or config key it came from)."""
+    factor = _MICROMETRES_PER_UNIT.get(str(unit).strip().lower())
+    if factor is None:
+        raise ValueError(f"{source}: pixel size unit {unit!r} is not supported; expected a length unit such as "
+                         f"'um', 'µm', 'micron', 'nm' or 'mm'")
+    if not float(size) > 0:
+        raise ValueError(f"{source}: pixel size must be > 0, got {size!r} {unit}")
+    return float(size) * factor
+
+
+def _ome_pixel_size(ome_xml: str, source: str) -> tuple[float, float] | None:
+    """(y, x) micrometres of the first OME image's Pixels element, or None without PhysicalSize."""
+    pixels = next((element for element in ElementTree.fromstring(ome_xml).iter()
+                   if element.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    if pixels is None or "PhysicalSizeX" not in pixels.attrib:
+        return None
+    size_x = to_micrometres(float(pixels.get("PhysicalSizeX")), pixels.get("PhysicalSizeXUnit", "µm"), source=source)
+    if "PhysicalSizeY" not in pixels.attrib:
+        return size_x, size_x
+    size_y = to_micrometres(float(pixels.get("PhysicalSizeY")), pixels.get("PhysicalSizeYUnit", "µm"), source=source)
+    return size_y, size_x
+
+
+def read_pixel_size(path: str | os.PathLike) -> tuple[float, float, str] | None:
+    """(size_y, size_x, 'um') of a TIFF's pixels from its OME-XML or ImageJ metadata, or None
+    when the file does not say (uncalibrated TIFFs, PNG, JPEG, BMP).
+
+    Raises ImageReadError naming the file and the unit for a unit that is not a known length
+    (e.g. 'sec'), and for an unreadable TIFF.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in (".tif", ".tiff"):
+        return None
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if tif.is_ome and tif.ome_metadata:
+                size = _ome_pixel_size(tif.ome_metadata, str(path))
+                return None if size is None else (*size, "um")
+            imagej = tif.imagej_metadata or {}
+            page = tif.pages.first
+            resolution = page.resolution if "XResolution" in page.tags else None
+    except ValueError as error:
+        raise ImageReadError(str(error)) from error
+    except Exception as error:  # tifffile raises many exception types for broken files
+        raise ImageReadError(f"{path}: cannot read TIFF metadata ({error})") from error
+    unit = str(imagej.get("unit", "")).strip()
+    if unit.lower() in _UNCALIBRATED_UNITS or resolution is None:
+        return None
+    pixels_per_unit_x, pixels_per_unit_y = (float(value) for value in resolution)
+    if not (pixels_per_unit_x > 0 and pixels_per_unit_y > 0):
+        raise ImageReadError(f"{path}: TIFF resolution {resolution} is not positive")
+    try:
+        return (to_micrometres(1.0 / pixels_per_unit_y, unit, source=str(path)),
+                to_micrometres(1.0 / pixels_per_unit_x, unit, source=str(path)), "um")
+    except ValueError as error:
+        raise ImageReadError(str(error)) from error
 
 
 def _read_tiff(path: Path, page: int | str) -> np.ndarray:

@@ -6,7 +6,9 @@ Train pipeline: geometric augmentation -> random crop -> photometric augmentatio
 optional CLAHE again (IMSAHLO re-applies it after augmentation) -> batch (drop remainder).
 Val/test pipeline: center crop -> batch (keep remainder), one pass, no shuffle.
 When the loss asks for them, records carry their instance labels through these steps and get the
-touching-cells weights of their final crop just before batching.
+touching-cells weights of their final crop just before batching. In instance mode
+(config.instances.mode='three_class') every file's labels are checked to be instance labels when read,
+and the mask of the final crop becomes its three-class targets (background / interior / boundary).
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from absl import flags
 
 from neuroseg_jax.data import splits as splits_lib
 from neuroseg_jax.data import transforms as T
+from neuroseg_jax.data.config import instance_mode
 from neuroseg_jax.data.folder import FolderDataset, LruCache
+from neuroseg_jax.data.instance_targets import ThreeClassTargets, check_instance_labels
 from neuroseg_jax.data.io import read_image, read_mask, resolve_channel_reduce
 from neuroseg_jax.data.patches import PatchDataset
 from neuroseg_jax.data.synthetic import SyntheticNeurons
@@ -119,6 +123,8 @@ class SplitDataset:
     Items: dict(image=float32 (H, W, C) in [0, 1], mask=int32 (H, W) in {0, 1}), plus
     instances=int32 (H, W) when the base dataset was built with `with_instances`.
     `names` / `name(i)`, `instances(i)`, `mask(i)` refer to the same items.
+    `require_instance_labels`: every item's labels are checked, once per process and whole file,
+    to be instance labels (a binary mask raises a ValueError naming its file).
     """
 
     def __init__(
@@ -129,12 +135,17 @@ class SplitDataset:
         image_size: tuple[int, int] | None = None,
         clahe: ml_collections.ConfigDict | None = None,
         cache_size: int = 0,
+        require_instance_labels: bool = False,
     ):
+        if require_instance_labels and not base.with_instances:
+            raise ValueError(f"require_instance_labels needs {base!r} built with with_instances=True")
         self.base = base
         self.indices = np.asarray(indices, np.int64)
         self.image_size = image_size
         self.clahe = clahe if clahe is not None and clahe.enabled else None  # None = off
         self._cache = LruCache(cache_size)
+        self.require_instance_labels = require_instance_labels
+        self._checked: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -155,8 +166,19 @@ class SplitDataset:
             f"image_size={self.image_size}, clahe={clahe})"
         )
 
+    def _source(self, index: int) -> str:
+        """How errors name item `index`: its mask file, else the dataset and the item's name."""
+        base_index = int(self.indices[index])
+        if hasattr(self.base, "mask_paths"):
+            return str(self.base.mask_paths[base_index])
+        return f"{self.base!r} item {self.base.name(base_index)!r}"
+
     def _prepare(self, index: int) -> dict[str, np.ndarray]:
         element = self.base[int(self.indices[index])]
+        if self.require_instance_labels and index not in self._checked:
+            # Whole files only: a crop may cut one object in two.
+            check_instance_labels(element["instances"], self._source(index))
+            self._checked.add(index)
         if self.image_size is not None:
             element = T.resize_pair(element, self.image_size)
         return {**element, "image": enhance_contrast(element["image"], self.clahe)}
@@ -204,16 +226,19 @@ def split_of(data_config: ml_collections.ConfigDict, base: Any) -> dict[str, np.
 
 
 def build_dataset(data_config: ml_collections.ConfigDict, split: str, *,
-                  with_instances: bool = False) -> SplitDataset | PatchDataset:
+                  with_instances: bool = False, require_instance_labels: bool = False
+                  ) -> SplitDataset | PatchDataset:
     """Random-access data source of one split ('train' | 'val' | 'test' | 'all').
 
     Returns a SplitDataset (items as in FolderDataset) or, with data.patches.enabled, a
-    PatchDataset over it; with `with_instances` the items also carry their instance labels.
+    PatchDataset over it; with `with_instances` the items also carry their instance labels;
+    `require_instance_labels` (instance mode) also checks that they are instance labels, not a
+    binary mask, naming the file that is not (see SplitDataset).
     Raises ValueError for an unknown or empty split.
     """
     if split not in splits_lib.SPLITS + ("all",):
         raise ValueError(f"split={split!r}: expected one of {splits_lib.SPLITS + ('all',)}")
-    base = base_dataset(data_config, with_instances=with_instances)
+    base = base_dataset(data_config, with_instances=with_instances or require_instance_labels)
     indices = np.arange(len(base)) if split == "all" else split_of(data_config, base)[split]
     if len(indices) == 0:
         raise ValueError(f"split {split!r} is empty (check data.split fractions or data.split.file)")
@@ -223,6 +248,7 @@ def build_dataset(data_config: ml_collections.ConfigDict, split: str, *,
         image_size=_size_or_none(data_config.image_size),
         clahe=data_config.clahe,
         cache_size=data_config.cache_size,
+        require_instance_labels=require_instance_labels,
     )
     patches = data_config.patches
     if patches.enabled:
@@ -238,9 +264,11 @@ def build_dataset(data_config: ml_collections.ConfigDict, split: str, *,
 
 
 def loader_transforms(data_config: ml_collections.ConfigDict, split: str, *,
-                      touching_weights: bool = False) -> list[grain.MapTransform]:
+                      touching_weights: bool = False, boundary_width: int | None = None
+                      ) -> list[grain.MapTransform]:
     """Per-record transforms of a split (everything after build_dataset, before batching);
-    `touching_weights` adds the touching-cells weights of the final crop (data.touching_cells)."""
+    `touching_weights` adds the touching-cells weights of the final crop (data.touching_cells);
+    a `boundary_width` (instance mode) makes its mask the three-class targets with that band."""
     crop_size = _size_or_none(data_config.crop_size)
     operations: list = []
     if split == "train":
@@ -255,8 +283,15 @@ def loader_transforms(data_config: ml_collections.ConfigDict, split: str, *,
         operations.append(T.CenterCrop(crop_size))
     if touching_weights:
         operations.append(T.TouchingCellsWeight(data_config.touching_cells.w0, data_config.touching_cells.sigma))
+    if boundary_width is not None:
+        operations.append(ThreeClassTargets(boundary_width))
     operations.append(T.ToBatchable())
     return operations
+
+
+def _requires_instance_labels(dataset: SplitDataset | PatchDataset) -> bool:
+    split_dataset = dataset.base if isinstance(dataset, PatchDataset) else dataset
+    return split_dataset.require_instance_labels
 
 
 def stack_batch(elements: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -281,6 +316,7 @@ def make_loader(
     num_epochs: int | None = None,
     dataset: SplitDataset | PatchDataset | None = None,
     touching_weights: bool = False,
+    instances: ml_collections.ConfigDict | None = None,
 ) -> grain.IterDataset:
     """Grain dataset of batches dict(image=(b, h, w, C) float32, mask=(b, h, w) int32), plus
     touching_weight=(b, h, w) float32 with `touching_weights`.
@@ -301,14 +337,26 @@ def make_loader(
     weight_maps.touching_cells_weights with data.touching_cells.w0 and .sigma), computed from the
     instance labels after augmentation and crop; the boundary loss adds them to its contour weights.
     Binary masks hold one cell and get zeros.
+    `instances`: config.instances; in 'three_class' mode the masks are the three-class targets
+    (0 background, 1 interior, 2 boundary; instance_targets.three_class_targets with
+    instances.boundary_width) of the final crop's instance labels, and a dataset whose labels are
+    a binary mask raises a ValueError naming the file (`dataset`, if given, must then come from
+    `build_dataset(..., require_instance_labels=True)`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
     train = split == "train"
+    three_class = instance_mode(instances) == "three_class"
     if dataset is None:
-        dataset = build_dataset(data_config, split, with_instances=touching_weights)
+        dataset = build_dataset(data_config, split, with_instances=touching_weights,
+                                require_instance_labels=three_class)
+    elif three_class and not _requires_instance_labels(dataset):
+        raise ValueError(
+            f"instance mode needs instance labels, but {dataset!r} was built without checking them: "
+            "use build_dataset(..., require_instance_labels=True)"
+        )
     elif touching_weights and not dataset.with_instances:
         raise ValueError(
             f"touching_weights need instance labels, but {dataset!r} was built without them: "
@@ -330,7 +378,9 @@ def make_loader(
     records = records.repeat(num_epochs if num_epochs is not None else (None if train else 1))
     # Random transforms draw from (their seed, position in the repeated stream): the same
     # whatever process of the worker pool computes the record.
-    batches = records.apply(loader_transforms(data_config, split, touching_weights=touching_weights)).batch(
+    transforms = loader_transforms(data_config, split, touching_weights=touching_weights,
+                                   boundary_width=int(instances.boundary_width) if three_class else None)
+    batches = records.apply(transforms).batch(
         batch_size, drop_remainder=train, batch_fn=stack_batch
     )
     # data.prefetch counts records but the read-ahead buffer holds batches: round up, and let

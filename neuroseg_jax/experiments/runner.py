@@ -262,6 +262,8 @@ def compact_evaluation(results: Mapping[str, Any], output_dir: str | os.PathLike
         }
     first = next(iter(results["variants"]))
     return {"split": TEST_SPLIT, "checkpoint": "best", "tta_n": 0, "num_images": results["num_images"],
+            # Foreground threshold of the masks and where it came from ('config' or 'validation').
+            "threshold": results.get("threshold", 0.5), "threshold_source": results.get("threshold_source", "config"),
             "images": [row["name"] for row in rows if row["variant"] == first], "variants": variants}
 
 

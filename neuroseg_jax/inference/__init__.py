@@ -25,13 +25,17 @@ from neuroseg_jax.inference.predict import (
     predictive_entropy,
 )
 from neuroseg_jax.inference.runs import (
+    THRESHOLD_CANDIDATES,
     Run,
+    choose_threshold,
+    decision_threshold,
     evaluate_run,
     load_config,
     load_run,
     make_predict_fn,
     predict_run,
     sliding_options,
+    threshold_path,
 )
 from neuroseg_jax.inference.sliding import BLENDS, SlidingWindow, blend_weights, sliding_window, window_starts
 from neuroseg_jax.inference.tta import Augmentation, tta, tta_augmentations, tta_predict_fn
@@ -43,7 +47,10 @@ __all__ = [
     "MORPHOLOGY_COLUMNS",
     "Run",
     "SlidingWindow",
+    "THRESHOLD_CANDIDATES",
     "blend_weights",
+    "choose_threshold",
+    "decision_threshold",
     "evaluate_dataset",
     "evaluate_run",
     "expand_inputs",
@@ -64,6 +71,7 @@ __all__ = [
     "sliding_options",
     "sliding_window",
     "summarize_morphology",
+    "threshold_path",
     "tta",
     "tta_augmentations",
     "tta_predict_fn",

@@ -18,12 +18,19 @@ The MorphoSeg table's HD95 is medpy's convention (`hd95_medpy`), the one MorphoS
 calls; 'hd95' (MONAI's) stays in the JSON and CSV. HD95 images where exactly one of prediction and
 target is empty are scored with the image diagonal (metrics.boundary policy) and counted in
 'hd95_empty_images'; none are dropped (MORPHOSEG_NOTE says how MorphoSeg's code differs).
+
+Instance mode (`instances` with mode 'three_class', the model's (H, W, 3) background / interior /
+boundary softmax): each of 'raw' and 'tta' is the seeded-watershed decode of its probabilities
+(`inference.label_instances`, settings from `instances`); the object metrics (AP, F1, count errors)
+match its objects to the dataset's instance labels, so touching objects count apart, and the pixel
+and topology metrics score its foreground (the decoded objects' union, i.e. 1 - p_background above
+foreground_threshold, without the objects under min_size). There are no 'post' variants: the decode
+is the instance mode's post-processing.
 """
 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import os
 from pathlib import Path
@@ -31,8 +38,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from neuroseg_jax.data.config import instance_mode
+from neuroseg_jax.inference.postprocess import foreground_probability, label_instances
 from neuroseg_jax.inference.postprocess import postprocess as postprocess_probs
-from neuroseg_jax.inference.predict import DEFAULT_POSTPROCESS, _with_progress, predict_image
+from neuroseg_jax.inference.predict import DEFAULT_POSTPROCESS, _class_probabilities, _with_progress
 from neuroseg_jax.inference.sliding import PredictFn, SlidingWindow
 from neuroseg_jax.metrics import (
     MORPHOSEG_THRESHOLDS,
@@ -90,17 +99,23 @@ def _name(dataset: Any, index: int) -> str:
 
 
 def score_image(pred_mask: np.ndarray, target: np.ndarray, probability: np.ndarray, *,
-                spacing=1.0) -> dict:
+                spacing=1.0, pred_labels: np.ndarray | None = None,
+                target_labels: np.ndarray | None = None) -> dict:
     """Every per-image metric of a binary prediction (H, W) against its target (H, W);
     `probability` (H, W) scores the predicted objects for the ranked (COCO-style) AP.
+    Objects are the masks' connected components, or `pred_labels` / `target_labels` (instance
+    label images, given together) when touching objects must count apart.
 
     Returns dict(row=flat metrics, confusion=counts, matches=match counts,
     detections=scored detections, empty_case=str).
     """
+    if (pred_labels is None) != (target_labels is None):
+        raise ValueError("score_image: give both pred_labels and target_labels, or neither")
     counts = confusion_counts(pred_mask, target)
-    target_fg = np.asarray(target) > 0
-    matches = match_counts(pred_mask, target_fg)
-    detections = scored_detections(pred_mask, target_fg, probability)
+    if pred_labels is None:
+        pred_labels, target_labels = pred_mask, np.asarray(target) > 0
+    matches = match_counts(pred_labels, target_labels)
+    detections = scored_detections(pred_labels, target_labels, probability)
     boundary = boundary_metrics(pred_mask, target, spacing=spacing)
     row = {**metrics_from_confusion(counts), **instance_metrics_from_counts(matches),
            **coco_average_precision([detections]),
@@ -154,8 +169,10 @@ NOTES = {
 }
 
 
-def _example(dataset: Any, index: int) -> tuple[np.ndarray, np.ndarray]:
-    """(image (H, W, C) float32, target (H, W)) of ``dataset[index]``, checked."""
+def _example(dataset: Any, index: int, with_instances: bool = False
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(image (H, W, C) float32, target (H, W), instance labels (H, W) or None) of
+    ``dataset[index]``, checked; the labels with `with_instances` (instance mode)."""
     example = dataset[index]
     if "image" not in example or "mask" not in example:
         raise ValueError(f"dataset[{index}] lacks 'image' or 'mask' (keys {sorted(example)})")
@@ -163,17 +180,29 @@ def _example(dataset: Any, index: int) -> tuple[np.ndarray, np.ndarray]:
     if image.ndim != 3 or image.shape[:2] != target.shape:
         raise ValueError(f"dataset[{index}]: image {image.shape} and mask {target.shape} "
                          "must be (H, W, C) and (H, W)")
-    return image, target
+    if not with_instances:
+        return image, target, None
+    if "instances" not in example:
+        raise ValueError(f"dataset[{index}] has no instance labels, which instance mode scores objects "
+                         "against: build the dataset with build_dataset(..., require_instance_labels=True)")
+    return image, target, np.asarray(example["instances"])
 
 
 def _variant_scores(predict_fn: PredictFn, image: np.ndarray, target: np.ndarray, *, tiling: SlidingWindow,
                     tta_settings: Mapping[str, int], brightness_shift: float, threshold: float,
-                    postprocess: Mapping | None, spacing) -> dict[str, dict]:
-    """`score_image` of one image for every variant (module docstring), in report order."""
+                    postprocess: Mapping | None, spacing, target_labels: np.ndarray | None = None,
+                    instances: Mapping | None = None) -> dict[str, dict]:
+    """`score_image` of one image for every variant (module docstring), in report order; with
+    `target_labels` (instance mode) the variants are the watershed decodes of `instances`."""
     scores = {}
     for base, n in tta_settings.items():
-        probability = predict_image(predict_fn, image, tta_n=n, brightness_shift=brightness_shift,
-                                    **dataclasses.asdict(tiling))
+        probabilities = _class_probabilities(predict_fn, image, tiling, tta_n=n, brightness_shift=brightness_shift)
+        probability = foreground_probability(probabilities)
+        if target_labels is not None:
+            pred_labels = label_instances(probabilities, instances=instances)
+            scores[base] = score_image(pred_labels > 0, target, probability, spacing=spacing,
+                                       pred_labels=pred_labels, target_labels=target_labels)
+            continue
         masks = {base: binarize(probability, threshold)}
         if postprocess is not None:
             masks["post" if base == "raw" else f"{base}+post"] = postprocess_probs(probability, **postprocess)
@@ -217,6 +246,7 @@ def evaluate_dataset(
     postprocess: Mapping | None = DEFAULT_POSTPROCESS,
     spacing=1.0,
     progress: bool = False,
+    instances: Mapping | None = None,
     **sliding,
 ) -> dict:
     """Evaluate predict_fn on every image of `dataset` and write metrics.json, per_image.csv and
@@ -230,6 +260,9 @@ def evaluate_dataset(
       threshold: foreground probability threshold of the variants without post-processing.
       postprocess: `inference.postprocess` keyword arguments for the 'post' variants (None: none).
       spacing: pixel size for HD95/ASSD.
+      instances: the run's config.instances; mode 'three_class' scores the watershed decode of
+        (H, W, 3) probabilities against the dataset items' `instances` labels (module docstring;
+        `postprocess` is then unused). None or mode 'none': binary masks.
       **sliding: window, overlap, batch_size, blend (see `SlidingWindow`); window None (the
         default here) = one forward pass of the whole image.
     Returns:
@@ -242,19 +275,21 @@ def evaluate_dataset(
     output.mkdir(parents=True, exist_ok=True)
     tiling = SlidingWindow(**{"window": None, **sliding})
     tta_settings = {"raw": 0, **({"tta": tta_n} if tta_n > 1 else {})}
+    three_class = instance_mode(instances) == "three_class"
     scores: dict[str, list[dict]] = {}
     csv_rows: list[dict] = []
     for index in _with_progress(range(len(dataset)), progress, "evaluate"):
-        image, target = _example(dataset, index)
+        image, target, target_labels = _example(dataset, index, with_instances=three_class)
         name = _name(dataset, index)
         variants = _variant_scores(predict_fn, image, target, tiling=tiling, tta_settings=tta_settings,
                                    brightness_shift=brightness_shift, threshold=threshold,
-                                   postprocess=postprocess, spacing=spacing)
+                                   postprocess=postprocess, spacing=spacing, target_labels=target_labels,
+                                   instances=instances)
         for variant, score in variants.items():
             scores.setdefault(variant, []).append(score)
             csv_rows.append({"variant": variant, "name": name, "hd95_empty_case": score["empty_case"],
                              **{key: score["row"][key] for key in PER_IMAGE_COLUMNS}})
-    metrics = {"num_images": len(dataset),
+    metrics = {"num_images": len(dataset), "instances": instance_mode(instances),
                "variants": {variant: _aggregate(variant_scores) for variant, variant_scores in scores.items()},
                "notes": dict(NOTES)}
     _write_reports(output, metrics, csv_rows)

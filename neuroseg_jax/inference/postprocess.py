@@ -4,16 +4,26 @@
 3x3 elliptical structuring element (fills pin-holes, bridges one-pixel gaps), then drop connected
 components smaller than 15 pixels; every step is configurable.
 
-`morphology_table` measures each labelled cell with the quantities of IMSAHLO Table I:
-  area                 pixel count (x spacing^2)
-  major_axis/minor_axis lengths of the ellipse with the region's second moments (skimage)
-  equivalent_diameter  diameter of the disc with the same area, sqrt(4 area / pi)
-  max_feret_diameter   largest distance between two points of the region, measured on the convex
-                       hull of the pixel squares' corners (exact for the pixelated shape)
-  mean_diameter        mean caliper (Feret) diameter over all directions = convex-hull perimeter / pi
-                       (Cauchy's formula). The paper does not define its "mean diameter"; this is
-                       our documented choice.
-  centroid_y/x, mean_intensity (of the image's channel mean, if an image is given).
+`morphology_table` measures each labelled cell with the quantities of IMSAHLO Table I, computed by
+`skimage.measure.regionprops_table` with its column names and the pixel size as `spacing`, so a
+calibrated image gives lengths in its unit (micrometres) and areas in unit^2:
+  area, num_pixels     area in unit^2, and the plain pixel count
+  centroid-0/1         (row, column) centre, in the unit
+  axis_major_length, axis_minor_length, eccentricity, orientation (radians)
+                       the ellipse with the region's second moments
+  perimeter, solidity, equivalent_diameter_area (diameter of the disc of the same area)
+  feret_diameter_max   largest caliper diameter (skimage: on the marching-squares contour of the
+                       convex hull, so the pixel squares' corners are cut: a 4 x 10 px rectangle
+                       gives sqrt(3^2 + 10^2))
+  feret_diameter_mean  mean caliper (Feret) diameter over all directions = perimeter of the convex
+                       hull of the pixel squares' corners / pi (Cauchy's formula); the paper's
+                       "mean diameter", which it does not define: our documented choice, and the one
+                       column skimage lacks
+  intensity_mean       mean of the image's channel mean over the cell (NaN without an image)
+  unit                 'um' or 'pixel'
+Table I (and `summarize_morphology`) reports: area, axis_minor_length, axis_major_length,
+equivalent_diameter_area, feret_diameter_max ("Maximum Feret Diameter"), feret_diameter_mean
+("Mean Diameter").
 """
 
 from __future__ import annotations
@@ -23,22 +33,35 @@ from typing import Sequence
 import cv2
 import numpy as np
 from scipy.spatial import ConvexHull
-from skimage.measure import regionprops
+from skimage.measure import regionprops_table
 
+from neuroseg_jax.inference.watershed import instances_from_probabilities
 from neuroseg_jax.metrics import binarize, connected_components
 
 MORPHOLOGY_COLUMNS = (
     "label",
     "area",
-    "centroid_y",
-    "centroid_x",
-    "major_axis",
-    "minor_axis",
-    "equivalent_diameter",
-    "max_feret_diameter",
-    "mean_diameter",
-    "mean_intensity",
+    "num_pixels",
+    "centroid-0",
+    "centroid-1",
+    "axis_major_length",
+    "axis_minor_length",
+    "eccentricity",
+    "orientation",
+    "perimeter",
+    "solidity",
+    "equivalent_diameter_area",
+    "feret_diameter_max",
+    "feret_diameter_mean",
+    "intensity_mean",
+    "unit",
 )
+# Computed by regionprops_table under these names; the rest of the columns are added here.
+_REGIONPROPS = ("label", "area", "num_pixels", "centroid", "axis_major_length", "axis_minor_length",
+                "eccentricity", "orientation", "perimeter", "solidity", "equivalent_diameter_area",
+                "feret_diameter_max")
+# Columns whose mean over cells says nothing about the cells' shape or size.
+_NOT_SUMMARIZED = ("label", "centroid-0", "centroid-1", "orientation", "unit")
 
 
 def foreground_probability(probs: np.ndarray) -> np.ndarray:
@@ -52,11 +75,23 @@ def foreground_probability(probs: np.ndarray) -> np.ndarray:
     return probs[..., 0] if probs.shape[-1] == 1 else 1.0 - probs[..., 0]
 
 
-def label_instances(mask: np.ndarray, *, connectivity: int = 8) -> np.ndarray:
-    """Instance labels (int32 (H, W), 0 = background, 1..n) of a binary mask: its 8- (or 4-)
-    connected foreground components, the same objects the instance metrics match
-    (`metrics.connected_components`)."""
-    return connected_components(mask, connectivity=connectivity)
+def label_instances(prediction: np.ndarray, *, connectivity: int = 8, instances=None) -> np.ndarray:
+    """Instance labels (int32 (H, W), 0 = background, 1..n) of a prediction:
+
+    binary mask (H, W)          its 8- (or 4-) connected foreground components, the same objects
+                                the instance metrics match (`metrics.connected_components`);
+    probabilities (H, W, 3)     the instance mode's background / interior / boundary softmax: seeded
+                                watershed (`inference.watershed`), with the decode settings of
+                                `instances` (the run's config.instances; None = the defaults), so
+                                touching objects stay apart.
+    """
+    prediction = np.asarray(prediction)
+    if prediction.ndim == 3 and prediction.shape[-1] == 3:
+        return instances_from_probabilities(prediction, instances)
+    if prediction.ndim != 2:
+        raise ValueError(f"label_instances takes a binary (H, W) mask or the instance mode's (H, W, 3) "
+                         f"probabilities, got shape {prediction.shape}")
+    return connected_components(prediction, connectivity=connectivity)
 
 
 def remove_small_components(mask: np.ndarray, min_size: int, *, connectivity: int = 8) -> np.ndarray:
@@ -97,63 +132,60 @@ def postprocess(
     return remove_small_components(mask, min_size, connectivity=connectivity)
 
 
-def _feret_diameters(pixel_coords: np.ndarray) -> tuple[float, float]:
-    """(max Feret diameter, mean caliper diameter) of a set of pixel squares (row, col centres)."""
+def feret_diameter_mean(region_mask: np.ndarray) -> float:
+    """Mean caliper diameter in pixels of a region (boolean crop): the perimeter of the convex hull
+    of its pixel squares' corners over pi (Cauchy's formula)."""
+    pixel_coords = np.argwhere(region_mask).astype(np.float64)
     corners = (pixel_coords[:, None, :] + np.array(
         [[-0.5, -0.5], [-0.5, 0.5], [0.5, -0.5], [0.5, 0.5]])[None]).reshape(-1, 2)
     corners = np.unique(corners, axis=0)
     hull_points = corners[ConvexHull(corners).vertices]
-    differences = hull_points[:, None, :] - hull_points[None, :, :]
-    max_feret = float(np.sqrt((differences ** 2).sum(-1)).max())
     closed = np.vstack([hull_points, hull_points[:1]])
-    perimeter = float(np.sqrt((np.diff(closed, axis=0) ** 2).sum(-1)).sum())
-    return max_feret, perimeter / np.pi
+    return float(np.sqrt((np.diff(closed, axis=0) ** 2).sum(-1)).sum()) / np.pi
 
 
 def morphology_table(
-    labels: np.ndarray, image: np.ndarray | None = None, *, spacing: float = 1.0
+    labels: np.ndarray, image: np.ndarray | None = None, *, spacing: float | Sequence[float] = 1.0,
+    unit: str = "pixel",
 ) -> list[dict]:
-    """One row (dict with MORPHOLOGY_COLUMNS) per labelled cell of an (H, W) label image.
+    """One row (dict with MORPHOLOGY_COLUMNS) per labelled cell of an (H, W) label image, ids kept.
 
-    image: optional (H, W) or (H, W, C) intensities; mean_intensity averages the channel mean over
-    the cell (NaN without an image). spacing: isotropic pixel size; lengths scale by spacing and
-    area by spacing^2 (the table is in pixels with the default 1.0).
+    image: optional (H, W) or (H, W, C) intensities; intensity_mean averages the channel mean over
+    the cell (NaN without an image). spacing: pixel size, a number or (y, x) equal sizes, in
+    ``unit`` ('pixel' with the default 1.0): lengths scale by it, areas by its square. Non-square
+    pixels raise a ValueError: skimage's perimeter is defined for square pixels only.
     """
     labels = np.asarray(labels)
     if labels.ndim != 2:
         raise ValueError(f"labels must be (H, W), got shape {labels.shape}")
+    spacing_yx = tuple(float(size) for size in np.broadcast_to(np.asarray(spacing, np.float64), (2,)))
+    if spacing_yx[0] != spacing_yx[1] or not spacing_yx[0] > 0:
+        raise ValueError(f"the morphology needs square pixels of positive size, got pixel size (y, x) = "
+                         f"{spacing_yx} {unit}; give one pixel size (e.g. --pixel_size) or resample the image")
     intensity = None
     if image is not None:
         image = np.asarray(image, dtype=np.float32)
         intensity = image.mean(axis=-1) if image.ndim == 3 else image
         if intensity.shape != labels.shape:
             raise ValueError(f"image shape {image.shape} does not match labels {labels.shape}")
-    rows = []
-    for region in regionprops(labels.astype(np.int32)):
-        max_feret, mean_diameter = _feret_diameters(region.coords.astype(np.float64))
-        centroid_y, centroid_x = region.centroid
-        mean_intensity = (float(intensity[region.coords[:, 0], region.coords[:, 1]].mean())
-                          if intensity is not None else float("nan"))
-        rows.append({
-            "label": int(region.label),
-            "area": float(region.area) * spacing ** 2,
-            "centroid_y": float(centroid_y) * spacing,
-            "centroid_x": float(centroid_x) * spacing,
-            "major_axis": float(region.axis_major_length) * spacing,
-            "minor_axis": float(region.axis_minor_length) * spacing,
-            "equivalent_diameter": float(np.sqrt(4.0 * region.area / np.pi)) * spacing,
-            "max_feret_diameter": max_feret * spacing,
-            "mean_diameter": mean_diameter * spacing,
-            "mean_intensity": mean_intensity,
-        })
-    return rows
+    table = regionprops_table(
+        labels.astype(np.int64), intensity, spacing=spacing_yx, extra_properties=(feret_diameter_mean,),
+        properties=_REGIONPROPS + (("intensity_mean",) if intensity is not None else ()))
+    count = len(table["label"])
+    table["feret_diameter_mean"] = np.asarray(table["feret_diameter_mean"], np.float64) * spacing_yx[0]
+    table.setdefault("intensity_mean", np.full(count, np.nan))
+    counts = ("label", "num_pixels")
+    return [{column: unit if column == "unit" else
+             int(table[column][index]) if column in counts else float(table[column][index])
+             for column in MORPHOLOGY_COLUMNS} for index in range(count)]
 
 
 def summarize_morphology(rows: Sequence[dict]) -> dict:
-    """Mean of every measured quantity over cells (the form of IMSAHLO Table I) plus the count."""
+    """Mean of every size and shape quantity over cells (the form of IMSAHLO Table I: keys
+    'mean_area', 'mean_feret_diameter_max', ..., in the rows' unit) plus the count."""
     summary: dict = {"count": len(rows)}
     for column in MORPHOLOGY_COLUMNS:
-        if column in ("label", "centroid_y", "centroid_x"):
+        if column in _NOT_SUMMARIZED:
             continue
         values = [row[column] for row in rows]
         summary[f"mean_{column}"] = float(np.mean(values)) if values else float("nan")

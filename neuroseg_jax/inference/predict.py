@@ -3,13 +3,23 @@
 For every input image `NAME.ext` the output folder receives
   NAME_prob.tif     foreground probability, uint16 (p * 65535, rounded), (H, W)
   NAME_mask.png     binary mask, uint8 0/255 (post-processed unless postprocess=None)
-  NAME_labels.tif   instance labels (8-connected components of the mask), uint16 or uint32
+  NAME_labels.tif   instance labels (8-connected components of the mask), uint16; float32 (exact
+                    integers, with a warning) above 65535 objects, since ImageJ TIFFs hold no
+                    32-bit integers; more than 2^24 objects is an error
   NAME_overlay.png  the image (gray or RGB) with cells tinted and their outlines drawn in red
   NAME_cells.csv    per-cell morphology (inference.postprocess.MORPHOLOGY_COLUMNS)
   NAME_uncertainty.tif  per-pixel uncertainty, float32 (H, W): the predictive entropy in nats
                     (`predictive_entropy`; unless uncertainty=False)
 and the folder gets `counts.csv` (one row per processed image: cell count and mean morphology)
-and `summary.json` (processed images, failures with their error message, settings).
+and `summary.json` (processed images with their pixel size, failures with their error message,
+settings).
+
+Calibration: the TIFFs are ImageJ hyperstacks, so Fiji and napari read the pixel size from them
+(resolution in pixels per micrometre, unit 'um'; unit 'pixel' when unknown) and the morphology
+is in micrometres. The pixel size is, in this order: `pixel_size` (the --pixel_size flag), the
+file's own metadata (`data.io.read_pixel_size`), `default_pixel_size` (config.data.pixel_size),
+else unknown (the table is in pixels). Outputs are at the file's resolution, so the file's pixel
+size applies even when the model saw resized images.
 A file that cannot be read or predicted is reported (logged, listed in summary['failed']) and
 skipped; the others are still processed.
 """
@@ -30,7 +40,8 @@ import cv2
 import numpy as np
 import tifffile
 
-from neuroseg_jax.data.io import IMAGE_EXTENSIONS, read_image
+from neuroseg_jax.data.config import instance_mode
+from neuroseg_jax.data.io import IMAGE_EXTENSIONS, read_image, read_pixel_size, to_micrometres
 from neuroseg_jax.inference.postprocess import (
     MORPHOLOGY_COLUMNS,
     foreground_probability,
@@ -46,6 +57,9 @@ from neuroseg_jax.metrics import binarize
 logger = logging.getLogger(__name__)
 
 DEFAULT_POSTPROCESS = {"threshold": 0.5, "closing_size": 3, "min_size": 15}
+PROBABILITY_SCALE = 65535  # NAME_prob.tif holds round(p * PROBABILITY_SCALE)
+# float32 holds every integer up to 2^24 exactly: the largest label id a float32 TIFF keeps.
+_FLOAT32_EXACT_INTEGERS = 1 << 24
 
 
 def expand_inputs(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> tuple[list[Path], list[dict]]:
@@ -170,9 +184,61 @@ def _resize_to(size: tuple[int, int], image: np.ndarray, probability: np.ndarray
     return image, probability, uncertainty_map
 
 
+@dataclasses.dataclass(frozen=True)
+class PixelSize:
+    """Physical size of a file's pixels in micrometres, and where it came from: 'pixel_size' (the
+    argument / flag), 'file' (its metadata) or 'config' (default_pixel_size); `PixelSize.unknown()`
+    for uncalibrated images."""
+
+    y: float | None
+    x: float | None
+    source: str | None
+
+    @classmethod
+    def unknown(cls) -> "PixelSize":
+        return cls(None, None, None)
+
+    @property
+    def unit(self) -> str:
+        return "pixel" if self.x is None else "um"
+
+    @property
+    def spacing(self) -> tuple[float, float]:
+        return (1.0, 1.0) if self.x is None else (self.y, self.x)
+
+
+def pixel_size_micrometres(size: float | None, unit: str, *, source: str) -> float | None:
+    """A declared pixel size (flag or config key ``source``) in micrometres; None for 0 or None
+    (unknown). An unknown unit raises a ValueError naming ``source`` and the unit."""
+    return to_micrometres(size, unit, source=source) if size else None
+
+
+def _write_imagej_tiff(path: Path, array: np.ndarray, pixel_size: PixelSize, info: str | None = None) -> None:
+    """A TIFF that Fiji opens calibrated (and napari / tifffile read the same way): resolution in
+    pixels per micrometre and unit 'um', or unit 'pixel' when the size is unknown."""
+    metadata = {"unit": pixel_size.unit}
+    if info:
+        metadata["Info"] = info
+    resolution = None if pixel_size.x is None else (1.0 / pixel_size.x, 1.0 / pixel_size.y)
+    tifffile.imwrite(path, array, imagej=True, resolution=resolution, metadata=metadata)
+
+
+def _label_image_for_imagej(labels: np.ndarray, path: Path) -> np.ndarray:
+    """uint16 labels, or float32 (exact up to 2^24) with a warning when the ids exceed 65535: the
+    ImageJ TIFF format has no 32-bit integer type."""
+    largest = int(labels.max(initial=0))
+    if largest <= np.iinfo(np.uint16).max:
+        return labels.astype(np.uint16)
+    if largest > _FLOAT32_EXACT_INTEGERS:
+        raise ValueError(f"{path}: label id {largest} exceeds 2^24, the largest id a float32 ImageJ TIFF keeps exactly")
+    logger.warning("%s: label ids up to %d exceed uint16; writing float32 labels (convert with astype(np.uint32) "
+                   "before napari's add_labels)", path, largest)
+    return labels.astype(np.float32)
+
+
 def _write_image_outputs(output: Path, stem: str, image: np.ndarray, probability: np.ndarray, mask: np.ndarray,
-                         labels: np.ndarray, rows: Sequence[Mapping],
-                         uncertainty_map: np.ndarray | None) -> dict[str, Path]:
+                         labels: np.ndarray, rows: Sequence[Mapping], uncertainty_map: np.ndarray | None,
+                         pixel_size: PixelSize) -> dict[str, Path]:
     """One image's files (module docstring) in ``output``; returns their paths."""
     outputs = {
         "probability": output / f"{stem}_prob.tif",
@@ -181,13 +247,16 @@ def _write_image_outputs(output: Path, stem: str, image: np.ndarray, probability
         "overlay": output / f"{stem}_overlay.png",
         "cells": output / f"{stem}_cells.csv",
     }
+    label_image = _label_image_for_imagej(labels, outputs["labels"])
     if uncertainty_map is not None:
         outputs["uncertainty"] = output / f"{stem}_uncertainty.tif"
-        tifffile.imwrite(outputs["uncertainty"], uncertainty_map.astype(np.float32))
-    tifffile.imwrite(outputs["probability"], np.round(np.clip(probability, 0, 1) * 65535).astype(np.uint16))
+        _write_imagej_tiff(outputs["uncertainty"], uncertainty_map.astype(np.float32), pixel_size,
+                           "predictive entropy in nats")
+    _write_imagej_tiff(outputs["probability"],
+                       np.round(np.clip(probability, 0, 1) * PROBABILITY_SCALE).astype(np.uint16), pixel_size,
+                       f"foreground probability = value / {PROBABILITY_SCALE}")
     _write_png(outputs["mask"], mask.astype(np.uint8) * 255)
-    label_dtype = np.uint16 if labels.max(initial=0) < 65536 else np.uint32
-    tifffile.imwrite(outputs["labels"], labels.astype(label_dtype))
+    _write_imagej_tiff(outputs["labels"], label_image, pixel_size, "instance labels, 0 = background")
     _write_png(outputs["overlay"], overlay_image(image, mask))
     _write_csv(outputs["cells"], rows, MORPHOLOGY_COLUMNS)
     return outputs
@@ -196,7 +265,8 @@ def _write_image_outputs(output: Path, stem: str, image: np.ndarray, probability
 @dataclasses.dataclass(frozen=True)
 class _FilePredictor:
     """Everything `predict_files` applies to each file: the model, how files are read, the tiling,
-    TTA, post-processing and the morphology's pixel size."""
+    TTA, post-processing and the pixel size (micrometres; `pixel_size` overrides the file's metadata,
+    `default_pixel_size` fills in for files without it)."""
 
     predict_fn: PredictFn
     load_image: Callable[[Path], tuple[np.ndarray, tuple[int, int]]]
@@ -204,27 +274,50 @@ class _FilePredictor:
     tta_n: int
     brightness_shift: float
     postprocess: Mapping | None
-    spacing: float
+    threshold: float
+    pixel_size: float | None
+    default_pixel_size: float | None
     uncertainty: bool
+    instances: Mapping | None = None
+
+    def _pixel_size(self, path: Path) -> PixelSize:
+        if self.pixel_size:
+            return PixelSize(self.pixel_size, self.pixel_size, "pixel_size")
+        from_file = read_pixel_size(path)
+        if from_file is not None:
+            return PixelSize(from_file[0], from_file[1], "file")
+        if self.default_pixel_size:
+            return PixelSize(self.default_pixel_size, self.default_pixel_size, "config")
+        return PixelSize.unknown()
 
     def __call__(self, path: Path, output: Path, used_stems: set[str]) -> tuple[dict, dict]:
         """Predicts ``path`` and writes its outputs; returns (counts.csv row, processed entry)."""
+        pixel_size = self._pixel_size(path)
         image, size = self.load_image(path)
         probs = _class_probabilities(self.predict_fn, image, self.tiling, tta_n=self.tta_n,
                                      brightness_shift=self.brightness_shift)
         image, probability, uncertainty_map = _resize_to(
             size, image, foreground_probability(probs), predictive_entropy(probs) if self.uncertainty else None)
-        if self.postprocess is None:
-            mask = binarize(probability, 0.5)
+        if instance_mode(self.instances) == "three_class":
+            if probs.shape[:2] != tuple(size):
+                probs = cv2.resize(probs, (int(size[1]), int(size[0])), interpolation=cv2.INTER_LINEAR)
+            labels = label_instances(probs, instances=self.instances)
+            mask = labels > 0
         else:
-            mask = postprocess_probs(probability, **self.postprocess)
-        labels = label_instances(mask)
-        rows = morphology_table(labels, image, spacing=self.spacing)
+            mask = (binarize(probability, self.threshold) if self.postprocess is None
+                    else postprocess_probs(probability, **self.postprocess))
+            labels = label_instances(mask)
+        try:
+            rows = morphology_table(labels, image, spacing=pixel_size.spacing, unit=pixel_size.unit)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from error
         stem = _unique_stem(path, used_stems)
-        outputs = _write_image_outputs(output, stem, image, probability, mask, labels, rows, uncertainty_map)
+        outputs = _write_image_outputs(output, stem, image, probability, mask, labels, rows, uncertainty_map,
+                                       pixel_size)
         count_row = {"name": stem, "path": str(path), "foreground_fraction": float(mask.mean()),
-                     **summarize_morphology(rows)}
+                     "unit": pixel_size.unit, **summarize_morphology(rows)}
         return count_row, {"name": stem, "path": str(path), "count": len(rows),
+                           "pixel_size": dataclasses.asdict(pixel_size) | {"unit": pixel_size.unit},
                            "outputs": {key: str(value) for key, value in outputs.items()}}
 
 
@@ -236,10 +329,13 @@ def predict_files(
     tta_n: int = 0,
     brightness_shift: float = 0.1,
     postprocess: Mapping | None = DEFAULT_POSTPROCESS,
+    threshold: float = 0.5,
     read_options: Mapping | None = None,
     load_image: Callable[[Path], tuple[np.ndarray, tuple[int, int]]] | None = None,
-    spacing: float = 1.0,
+    pixel_size: float | None = None,
+    default_pixel_size: float | None = None,
     uncertainty: bool = True,
+    instances: Mapping | None = None,
     progress: bool = True,
     **sliding,
 ) -> dict:
@@ -250,18 +346,27 @@ def predict_files(
       inputs: file, folder or glob, or a list of them.
       tta_n: number of TTA augmentations (IMSAHLO: 5); 0 or 1 = none.
       postprocess: keyword arguments of `inference.postprocess` (threshold, closing_size,
-        min_size); None = plain threshold at 0.5, no morphology.
+        min_size); None = plain `threshold`, no morphology.
+      threshold: foreground probability threshold of the masks without post-processing (the
+        post-processed ones use postprocess['threshold']).
       read_options: keyword arguments of `neuroseg_jax.data.io.read_image` (channels, normalize,
         ...) - must match how the model was trained. Ignored when `load_image` is given.
       load_image: path -> (model-ready (h, w, C) image, (H, W) size of the file's image); the
         prediction is resized back to (H, W) before thresholding, so a model trained on resized
         images writes masks at the file's resolution. Default: `read_image(path, **read_options)`.
-      spacing: pixel size for the morphology table.
+      pixel_size: micrometres per pixel for every file, over the files' own metadata; None = read it
+        from each file (`data.io.read_pixel_size`).
+      default_pixel_size: micrometres per pixel of files without metadata; None = unknown (TIFFs
+        with unit 'pixel', morphology in pixels).
       uncertainty: write NAME_uncertainty.tif, the predictive entropy of the blended (and
         test-time averaged) probabilities, at the file's resolution.
+      instances: the run's config.instances; in mode 'three_class' the labels are the seeded
+        watershed of the (H, W, 3) probabilities (`label_instances`) and the mask their
+        foreground (threshold and post-processing do not apply).
       **sliding: window, overlap, batch_size, blend: see `SlidingWindow`.
     Returns:
-      dict(processed=[{name, path, count, outputs}], failed=[{path, error}], output_dir).
+      dict(processed=[{name, path, count, pixel_size, outputs}], failed=[{path, error}], output_dir,
+      settings).
     """
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
@@ -274,8 +379,8 @@ def predict_files(
     tiling = SlidingWindow(**sliding)
     predict_file = _FilePredictor(
         predict_fn=predict_fn, load_image=load_image or functools.partial(_read_file, read_options=read_options),
-        tiling=tiling, tta_n=tta_n, brightness_shift=brightness_shift, postprocess=postprocess, spacing=spacing,
-        uncertainty=uncertainty)
+        tiling=tiling, tta_n=tta_n, brightness_shift=brightness_shift, postprocess=postprocess, threshold=threshold,
+        pixel_size=pixel_size, default_pixel_size=default_pixel_size, uncertainty=uncertainty, instances=instances)
     processed, count_rows, used_stems = [], [], set()
     for path in _with_progress(files, progress, "predict"):
         try:
@@ -292,7 +397,9 @@ def predict_files(
     settings = {"window": list(np.atleast_1d(tiling.window).tolist()),
                 "overlap": list(np.atleast_1d(tiling.overlap).tolist()), "blend": tiling.blend,
                 "tta_n": tta_n, "postprocess": dict(postprocess) if postprocess else None,
-                "read_options": read_options, "spacing": spacing, "uncertainty": uncertainty}
+                "threshold": postprocess["threshold"] if postprocess else threshold,
+                "read_options": read_options, "pixel_size_um": pixel_size, "default_pixel_size_um": default_pixel_size,
+                "probability_scale": PROBABILITY_SCALE, "uncertainty": uncertainty}
     summary = {"output_dir": str(output), "processed": processed, "failed": failed, "settings": settings}
     with open(output / "summary.json", "w") as handle:
         json.dump(summary, handle, indent=2)

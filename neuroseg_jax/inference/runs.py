@@ -2,6 +2,11 @@
 
 ``launch/evaluate.py`` and ``launch/predict.py`` are thin wrappers around ``evaluate_run`` and
 ``predict_run``; a notebook calls these directly.
+
+Masks are the foreground probability at a threshold: ``config.inference.threshold``, or, with
+``config.inference.choose_threshold``, the one of highest pooled Dice on the validation split
+(`choose_threshold`, as nnU-Net chooses its post-processing on validation data), stored with the
+checkpoint so that evaluation on the test split and prediction reuse it and never see test labels.
 """
 
 import dataclasses
@@ -16,11 +21,17 @@ import numpy as np
 
 from neuroseg_jax import data as data_lib
 from neuroseg_jax import losses
+from neuroseg_jax._validation import probability
+from neuroseg_jax.data.config import instance_mode
 from neuroseg_jax.inference.evaluate import evaluate_dataset
-from neuroseg_jax.inference.predict import DEFAULT_POSTPROCESS, predict_files
+from neuroseg_jax.inference.predict import DEFAULT_POSTPROCESS, pixel_size_micrometres, predict_files, predict_image
 from neuroseg_jax.inference.sliding import SlidingWindow
+from neuroseg_jax.metrics import confusion_counts, metrics_from_confusion, sum_confusions
 from neuroseg_jax.models import build_model
 from neuroseg_jax.train.checkpoint import restore_weights
+
+THRESHOLD_CANDIDATES = tuple(np.round(np.arange(0.05, 0.96, 0.05), 2).tolist())
+THRESHOLD_FILE = "threshold.json"  # in the checkpoint's step folder
 
 
 @dataclasses.dataclass
@@ -77,29 +88,117 @@ def sliding_options(inference_config: ml_collections.ConfigDict) -> dict[str, An
     return dataclasses.asdict(tiling)
 
 
+def threshold_path(workdir: str | pathlib.Path, checkpoint: str, step: int) -> pathlib.Path:
+    """Where the threshold chosen for a checkpoint is stored: inside the checkpoint's own step
+    folder, so it is copied with the checkpoint and deleted with it when a better one replaces it
+    (a retrained run can never inherit a stale threshold)."""
+    series = "best" if str(checkpoint) == "best" else "latest"  # as in restore_weights
+    folder = pathlib.Path(workdir) / "checkpoints" / series / str(step)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {folder} not found (checkpoint {checkpoint!r}, step {step})")
+    return folder / THRESHOLD_FILE
+
+
+def _choose(run: Run, workdir: str | pathlib.Path, checkpoint: str, candidates) -> dict:
+    """`choose_threshold` for a loaded run."""
+    if instance_mode(run.config.get("instances")) == "three_class":
+        raise ValueError("choose_threshold: in instance mode (config.instances.mode='three_class') masks come from "
+                         "the watershed decode with config.instances' thresholds, not config.inference.threshold")
+    candidates = sorted({probability(value, "choose_threshold candidate") for value in candidates})
+    if not candidates:
+        raise ValueError("choose_threshold: no candidate thresholds given")
+    dataset = data_lib.build_dataset(run.config.data, "val")
+    if len(dataset) == 0:
+        raise ValueError(f"choose_threshold needs validation images, but split 'val' of {run.config.data.source} "
+                         "data is empty (config.data.split)")
+    predict_fn, sliding = make_predict_fn(run.model, run.variables), sliding_options(run.config.inference)
+    scored = sorted(set(candidates) | {0.5})
+    pooled = {threshold: {"tp": 0, "fp": 0, "fn": 0, "tn": 0} for threshold in scored}
+    for index in range(len(dataset)):
+        example = dataset[index]
+        foreground = predict_image(predict_fn, np.asarray(example["image"], np.float32), **sliding)
+        for threshold in scored:  # every threshold from the same probabilities
+            pooled[threshold] = sum_confusions(
+                [pooled[threshold], confusion_counts(foreground, example["mask"], threshold=threshold)])
+    dice = {threshold: metrics_from_confusion(counts)["dice"] for threshold, counts in pooled.items()}
+    # Highest pooled Dice; among equals the one closest to 0.5, the threshold the loss was trained for.
+    chosen = max(candidates, key=lambda threshold: (dice[threshold], -abs(threshold - 0.5)))
+    record = {"checkpoint": str(checkpoint), "step": int(run.step), "split": "val", "num_images": len(dataset),
+              "threshold": chosen, "val_dice": dice[chosen], "val_dice_at_0.5": dice[0.5],
+              "candidates": {str(threshold): dice[threshold] for threshold in candidates}}
+    path = threshold_path(workdir, checkpoint, run.step)
+    partial = path.with_suffix(".partial")  # renamed when complete: never a half-written file
+    partial.write_text(json.dumps(record, indent=2))
+    partial.replace(path)
+    return record
+
+
+def choose_threshold(workdir: str | pathlib.Path, checkpoint: str = "best", *,
+                     config: ml_collections.ConfigDict | None = None, candidates=THRESHOLD_CANDIDATES) -> dict:
+    """The foreground threshold of highest pooled Dice on the validation split, stored with the
+    checkpoint (`threshold_path`) for `evaluate_run` and `predict_run`.
+
+    Every validation image is predicted once (whole image, the run's sliding window, no TTA);
+    the confusion counts of each candidate are summed over the split and Dice computed once per
+    candidate; ties go to the candidate closest to 0.5. Returns (and stores) dict(checkpoint,
+    step, split, num_images, threshold, val_dice, val_dice_at_0.5, candidates={str(t): dice}).
+    """
+    return _choose(load_run(workdir, checkpoint, config), workdir, checkpoint, candidates)
+
+
+def decision_threshold(run: Run, workdir: str | pathlib.Path, checkpoint: str,
+                       threshold: float | str | None = None) -> tuple[float, str]:
+    """(threshold, source) of a run's masks: ``threshold`` when given ('val' or a probability,
+    source 'argument'), else config.inference.threshold (source 'config'), or with
+    config.inference.choose_threshold the checkpoint's stored validation choice, chosen first when
+    absent (source 'validation')."""
+    inference_config = run.config.inference
+    configured = probability(inference_config.get("threshold", 0.5), "config.inference.threshold")
+    if threshold is not None and threshold != "val":
+        return probability(threshold, "threshold"), "argument"
+    if threshold is None and not inference_config.get("choose_threshold", False):
+        return configured, "config"
+    path = threshold_path(workdir, checkpoint, run.step)
+    if path.exists():
+        return probability(json.loads(path.read_text()).get("threshold"), f"'threshold' of {path}"), "validation"
+    return _choose(run, workdir, checkpoint, THRESHOLD_CANDIDATES)["threshold"], "validation"
+
+
+def _postprocess_options(run: Run, threshold: float) -> dict | None:
+    return {**DEFAULT_POSTPROCESS, "threshold": threshold} if run.config.inference.postprocess else None
+
+
 def evaluate_run(workdir: str | pathlib.Path, *, checkpoint: str = "best", split: str = "val",
                  config: ml_collections.ConfigDict | None = None, data_root: str | None = None,
-                 output_dir: str | pathlib.Path | None = None, tta_n: int = 5, progress: bool = True) -> dict:
+                 output_dir: str | pathlib.Path | None = None, tta_n: int = 5, progress: bool = True,
+                 threshold: float | str | None = None) -> dict:
     """Metrics of a checkpoint on a split, with and without TTA and post-processing.
 
     ``data_root`` evaluates on another images/ + masks/ folder, preprocessed as in training.
-    Writes ``metrics.json``, ``per_image.csv`` and ``table.md`` to ``output_dir`` (default
-    ``WORKDIR/eval/CHECKPOINT-SPLIT``) and returns the metrics dict.
+    ``threshold``: see `decision_threshold` (None: the config decides). Writes ``metrics.json``,
+    ``per_image.csv`` and ``table.md`` to ``output_dir`` (default ``WORKDIR/eval/CHECKPOINT-SPLIT``)
+    and returns the metrics dict, with the threshold and its source.
     """
     config = config if config is not None else load_config(workdir)
+    run = load_run(workdir, checkpoint, config)
+    # Resolved before data_root replaces the data: a chosen threshold comes from the run's own validation split.
+    threshold, threshold_source = decision_threshold(run, workdir, checkpoint, threshold)
     if data_root:
         config.data.source, config.data.root = "folder", str(data_root)
-    run = load_run(workdir, checkpoint, config)
-    dataset = data_lib.build_dataset(run.config.data, split)
+    instances = run.config.get("instances")  # instance mode: objects from the watershed decode
+    dataset = data_lib.build_dataset(run.config.data, split,
+                                     require_instance_labels=instance_mode(instances) == "three_class")
     if len(dataset) == 0:
         raise ValueError(f"split {split!r} of {run.config.data.source} data is empty")
     output_dir = pathlib.Path(output_dir or pathlib.Path(workdir) / "eval" / f"{checkpoint}-{split}")
     results = evaluate_dataset(
         make_predict_fn(run.model, run.variables), dataset, output_dir, tta_n=tta_n,
-        postprocess=dict(DEFAULT_POSTPROCESS) if run.config.inference.postprocess else None,
-        progress=progress, **sliding_options(run.config.inference))
+        threshold=threshold, postprocess=_postprocess_options(run, threshold),
+        progress=progress, instances=instances, **sliding_options(run.config.inference))
     results.update({"checkpoint": checkpoint, "step": run.step, "split": split, "data": run.config.data.root or
-                    run.config.data.source, "output_dir": str(output_dir)})
+                    run.config.data.source, "output_dir": str(output_dir), "threshold": threshold,
+                    "threshold_source": threshold_source})
+    (output_dir / "metrics.json").write_text(json.dumps(results, indent=2))
     return results
 
 
@@ -118,12 +217,21 @@ def _file_loader(data_config: ml_collections.ConfigDict):
 
 
 def predict_run(workdir: str | pathlib.Path, inputs, output_dir: str | pathlib.Path, *, checkpoint: str = "best",
-                tta_n: int = 0, progress: bool = True) -> dict:
+                tta_n: int = 0, progress: bool = True, pixel_size: float = 0.0, pixel_unit: str = "um",
+                threshold: float | str | None = None) -> dict:
     """Predict image files, folders or globs with a trained run; writes masks, probability maps,
-    instance labels, overlays and a counts/morphology CSV to ``output_dir``."""
+    instance labels, overlays and a counts/morphology CSV to ``output_dir``. ``threshold``: see
+    `decision_threshold` (None: the config decides).
+
+    ``pixel_size`` (in ``pixel_unit``; 0 = none) overrides the files' own calibration; files
+    without one use the run's config.data.pixel_size (0 = unknown: outputs in pixels)."""
+    override = pixel_size_micrometres(pixel_size, pixel_unit, source="--pixel_size")
     run = load_run(workdir, checkpoint)
-    postprocess = dict(DEFAULT_POSTPROCESS) if run.config.inference.postprocess else None
+    declared = pixel_size_micrometres(run.config.data.get("pixel_size", 0.0), run.config.data.get("pixel_unit", "um"),
+                                      source="config.data.pixel_size")
+    threshold, _ = decision_threshold(run, workdir, checkpoint, threshold)
     return predict_files(
-        make_predict_fn(run.model, run.variables), inputs, output_dir, tta_n=tta_n, postprocess=postprocess,
-        load_image=_file_loader(run.config.data), progress=progress,
+        make_predict_fn(run.model, run.variables), inputs, output_dir, tta_n=tta_n, threshold=threshold,
+        postprocess=_postprocess_options(run, threshold), load_image=_file_loader(run.config.data),
+        progress=progress, pixel_size=override, default_pixel_size=declared, instances=run.config.get("instances"),
         **sliding_options(run.config.inference))

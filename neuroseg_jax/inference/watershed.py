@@ -27,6 +27,8 @@ import numpy as np
 from scipy import ndimage
 from skimage.segmentation import watershed
 
+from neuroseg_jax.data.config import default_instances_config
+
 _EIGHT_CONNECTED = np.ones((3, 3), bool)
 
 
@@ -81,4 +83,17 @@ def instances_from_three_class(
     return (consecutive if kept[0] == 0 else consecutive + 1).astype(np.int32)
 
 
-__all__ = ["instances_from_three_class"]
+DECODE_KEYS = ("seed_threshold", "foreground_threshold", "min_seed_size", "min_size")
+
+
+def instances_from_probabilities(probabilities, instances=None) -> np.ndarray:
+    """`instances_from_three_class` with the decode settings of `instances` (a run's
+    config.instances; None: `data.config.default_instances_config()`)."""
+    settings = default_instances_config() if instances is None else instances
+    missing = [key for key in DECODE_KEYS if key not in settings]
+    if missing:
+        raise ValueError(f"config.instances lacks {missing}: see data.config.default_instances_config()")
+    return instances_from_three_class(probabilities, **{key: settings[key] for key in DECODE_KEYS})
+
+
+__all__ = ["DECODE_KEYS", "instances_from_probabilities", "instances_from_three_class"]

@@ -9,6 +9,7 @@ from typing import Mapping
 
 import ml_collections
 
+from neuroseg_jax._validation import probability
 from neuroseg_jax.train.sharding import DATA_AXIS, mesh_shape
 
 
@@ -113,6 +114,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int, process
         raise ValueError("config.outliers.num_selected must not exceed config.outliers.num_candidates")
     if not config.loss.terms:
         raise ValueError("config.loss.terms is empty: give at least one loss term and its weight")
+    from neuroseg_jax.data.config import instance_mode  # deferred like the imports above
+
+    if instance_mode(config.get("instances")) == "three_class" and int(config.model.num_classes) != 3:
+        raise ValueError(f"config.instances.mode='three_class' needs config.model.num_classes=3 (background, "
+                         f"interior, boundary), got {config.model.num_classes}")
+    probability(config.inference.get("threshold", 0.5), "config.inference.threshold")
     batch = config.train.batch_size
     data_axis = mesh_shape(config.mesh, num_devices)[DATA_AXIS]
     if batch % data_axis or batch % process_count:

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from neuroseg_jax import data as data_lib
 from neuroseg_jax import inference, losses, metrics
+from neuroseg_jax.data.config import instance_mode
 from neuroseg_jax.train import checkpoint as checkpoint_lib
 from neuroseg_jax.train import metrics_log, plots
 from neuroseg_jax.train import sharding as sharding_lib
@@ -71,15 +72,17 @@ class _StopRequest:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _eval_batches(data_config, batch_size: int, seed: int, num_images: int, touching_weights: bool = False):
+def _eval_batches(data_config, batch_size: int, seed: int, num_images: int, touching_weights: bool = False,
+                  instances: ml_collections.ConfigDict | None = None):
     """Padded validation batches of this process: every process yields the same number of
-    batches (collectives need it); padding rows carry ``weight`` 0."""
+    batches (collectives need it); padding rows carry ``weight`` 0. ``instances``: the run's
+    ``config.instances`` (its masks are three-class targets in instance mode)."""
     count = jax.process_count()
     index = jax.process_index()
     num_batches = math.ceil(math.ceil(num_images / count) / batch_size)
     loader = data_lib.make_loader(data_config, "val", batch_size=batch_size, seed=seed,
                                   process_index=index, process_count=count, num_epochs=1,
-                                  touching_weights=touching_weights)
+                                  touching_weights=touching_weights, instances=instances)
     batches = list(loader)
     template = batches[0]
     for position in range(num_batches):
@@ -92,11 +95,13 @@ def _eval_batches(data_config, batch_size: int, seed: int, num_images: int, touc
 
 
 def validation_metrics(state: TrainState, eval_step, data_config, batch_size: int, seed: int, mesh,
-             num_images: int, touching_weights: bool = False) -> dict[str, float]:
-    """Validation loss (mean of per-image losses) and pooled pixel metrics over the val split of
-    ``num_images`` images; ``touching_weights`` as for the training batches."""
+             num_images: int, touching_weights: bool = False,
+             instances: ml_collections.ConfigDict | None = None) -> dict[str, float]:
+    """Validation loss (mean of per-image losses) and pooled pixel metrics (of the foreground, in
+    instance mode too) over the val split of ``num_images`` images; ``touching_weights`` and
+    ``instances`` as for the training batches."""
     totals: dict[str, float] = {}
-    for batch in _eval_batches(data_config, batch_size, seed, num_images, touching_weights):
+    for batch in _eval_batches(data_config, batch_size, seed, num_images, touching_weights, instances):
         sums = jax.device_get(eval_step(state, sharding_lib.global_batch(batch, mesh)))
         for key, value in sums.items():
             totals[key] = totals.get(key, 0.0) + float(value)
@@ -192,7 +197,8 @@ class _Validation:
     def __call__(self, state: TrainState, step: int, loop: LoopState, log: _TrainLog) -> TrainState:
         config, plateau_config = self.config, self.config.optim.plateau
         loop.last_val = validation_metrics(state, self.trainer.eval_step, config.data, self.batch_size, config.seed,
-                                           self.trainer.mesh, self.num_val, self.touching_weights)
+                                           self.trainer.mesh, self.num_val, self.touching_weights,
+                                           config.get("instances"))
         loop.plateau = update_plateau(loop.plateau, loop.last_val["loss"], factor=plateau_config.factor,
                                       patience=plateau_config.patience, min_scale=plateau_config.min_scale,
                                       threshold=plateau_config.threshold,
@@ -263,14 +269,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     workdir = pathlib.Path(workdir)
     checkpoints = checkpoint_lib.Checkpoints(workdir, keep=config.train.keep_checkpoints)
     touching_weights = needs_touching_weights(config.loss)
-    train_images = data_lib.build_dataset(config.data, "train", with_instances=touching_weights)
+    train_images = data_lib.build_dataset(
+        config.data, "train", with_instances=touching_weights,
+        require_instance_labels=instance_mode(config.get("instances")) == "three_class")
     identity = _prepare_workdir(config, workdir, checkpoints, train_images)
 
     trainer = build_trainer(config)
     train_iter = iter(data_lib.make_loader(
         config.data, "train", batch_size=int(config.train.batch_size) // jax.process_count(), seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count(), dataset=train_images,
-        touching_weights=touching_weights))
+        touching_weights=touching_weights, instances=config.get("instances")))
     state, loop = trainer.state, LoopState()
     if checkpoints.latest_step() is not None:
         state, loop = _resume(checkpoints, trainer, train_iter, workdir)
