@@ -20,7 +20,6 @@ import os
 import pathlib
 import re
 import shlex
-import subprocess
 import sys
 import time
 import traceback
@@ -29,7 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 import ml_collections
 
 from neuroseg_jax import inference, train
-from neuroseg_jax.train import builders
+from neuroseg_jax.train import builders, loop
 from neuroseg_jax.train.checkpoint import Checkpoints
 from neuroseg_jax.train.metrics_log import read_metrics
 
@@ -178,17 +177,6 @@ def commands(run: ExperimentRun, results_dir, work_dir, *, reference: bool) -> d
             "run": runner}
 
 
-def git_state() -> dict[str, Any]:
-    """Commit of the repository and whether its tracked files differ from it."""
-    def git(*args):
-        return subprocess.run(["git", *args], capture_output=True, text=True, check=True, cwd=REPO).stdout.strip()
-    try:
-        return {"commit": git("rev-parse", "HEAD"),
-                "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": "unknown", "dirty": None}
-
-
 def _latest_checkpoint_step(workdir: pathlib.Path) -> int | None:
     """Step the training will resume from: orbax names each saved step's folder by its number."""
     steps = [int(p.name) for p in (workdir / "checkpoints" / "latest").glob("*") if p.name.isdigit()]
@@ -279,7 +267,7 @@ def run_one(run: ExperimentRun, results_dir, work_dir) -> pathlib.Path:
     """Train and evaluate one run and write its metrics.json; returns that path."""
     reference = _reference_rows().get(run.row)
     config = build_config(run)
-    git = git_state()  # the code the run starts with
+    git = loop.git_state()  # the code the run starts with
     workdir = run.workdir(work_dir)
     workdir.mkdir(parents=True, exist_ok=True)
     outcome = (reference or train_and_evaluate_jax)(config, workdir)

@@ -38,18 +38,22 @@ class NonFiniteLossError(FloatingPointError):
     terms and the last good checkpoint (the state of the bad step is never saved)."""
 
 
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+def git_state() -> dict[str, Any]:
+    """The package's git commit and whether tracked files differ from it ('unknown' outside git)."""
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
                               cwd=pathlib.Path(__file__).parent).stdout.strip()
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return {"commit": "unknown", "dirty": None}
 
 
 def _write_snapshot(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     (workdir / "config.json").write_text(config.to_json(indent=2))
+    git = git_state()
     (workdir / "run_info.json").write_text(json.dumps({
-        "git_commit": _git_commit(), "jax": jax.__version__, "devices": [str(d) for d in jax.devices()],
+        "git_commit": git["commit"], "git_dirty": git["dirty"], "jax": jax.__version__, "devices": [str(d) for d in jax.devices()],
         "process_count": jax.process_count()}, indent=2))
 
 
@@ -95,8 +99,8 @@ def _eval_batches(data_config, batch_size: int, seed: int, num_images: int, touc
 
 
 def validation_metrics(state: TrainState, eval_step, data_config, batch_size: int, seed: int, mesh,
-             num_images: int, touching_weights: bool = False,
-             instances: ml_collections.ConfigDict | None = None) -> dict[str, float]:
+                       num_images: int, touching_weights: bool = False,
+                       instances: ml_collections.ConfigDict | None = None) -> dict[str, float]:
     """Validation loss (mean of per-image losses) and pooled pixel metrics (of the foreground, in
     instance mode too) over the val split of ``num_images`` images; ``touching_weights`` and
     ``instances`` as for the training batches."""
@@ -256,6 +260,18 @@ def _check_finite(metrics: dict, step: int, checkpoints: checkpoint_lib.Checkpoi
         f"checkpoint: {workdir / 'checkpoints' / 'latest' / str(last) if last is not None else 'none'}")
 
 
+def _split_line(data_config: ml_collections.ConfigDict, num_train: int, num_val: int) -> str:
+    """Which images the run sees: a folder's test split is held out of training even when the model
+    is later evaluated on another folder, so the log says how many images that is and why."""
+    split = data_config.split
+    num_test = len(data_lib.build_dataset(data_config, "test"))
+    origin = (f"split file {split.file}" if split.file else
+              f"seeded split (seed {split.seed}, val_fraction {split.val_fraction}, test_fraction "
+              f"{split.test_fraction})")
+    return (f"data: {num_train} train / {num_val} val / {num_test} test examples from {origin}; the test "
+            "examples are held out of training and model selection")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
     """Train ``config`` in ``workdir`` (resuming from its latest checkpoint if there is one).
 
@@ -287,6 +303,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     validate = _Validation(config, trainer, num_val, touching_weights, workdir, checkpoints, previews)
     stop = _StopRequest()
     log = _TrainLog(config, workdir, trainer.total_steps, step)
+    log.message(_split_line(config.data, len(train_images), num_val))
     eval_every = int(config.train.eval_every or trainer.steps_per_epoch)
     checkpoint_every = int(config.train.checkpoint_every or eval_every)
     try:
