@@ -7,7 +7,7 @@ from absl import app, flags
 
 from neuroseg_jax import experiments
 
-_GRIDS = flags.DEFINE_list("grids", ["table2", "table3", "table4", "morphoseg", "smoke"],
+_GRIDS = flags.DEFINE_list("grids", ["table2", "instances", "table3", "table4", "morphoseg", "smoke"],
                            "Grids of --grids_file to render, in this order.")
 _GRIDS_FILE = flags.DEFINE_string("grids_file", "configs/experiments.py", "Python file defining GRIDS.")
 _RESULTS_DIR = flags.DEFINE_string("results_dir", "results", "Folder of <set>/<row>-seed<N>/metrics.json.")
