@@ -11,7 +11,14 @@ from neuroseg_jax.data.config import default_augment_config, default_data_config
 from neuroseg_jax.data.folder import FolderDataset
 from neuroseg_jax.data.io import ImageReadError, normalize_intensity, read_image, read_labels, read_mask
 from neuroseg_jax.data.patches import PatchDataset, patch_starts
-from neuroseg_jax.data.pipeline import SplitDataset, build_dataset, load_image, loader_transforms, make_loader
+from neuroseg_jax.data.pipeline import (
+    SplitDataset,
+    build_dataset,
+    load_image,
+    loader_transforms,
+    make_loader,
+    split_sizes,
+)
 from neuroseg_jax.data.splits import read_split_file, split_indices
 from neuroseg_jax.data.synthetic import SyntheticNeurons
 from neuroseg_jax.data.weight_maps import touching_cells_weights
@@ -35,6 +42,7 @@ __all__ = [
     "read_mask",
     "read_split_file",
     "split_indices",
+    "split_sizes",
     "touching_cells_weights",
     "transforms",
 ]

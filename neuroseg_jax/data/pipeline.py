@@ -225,6 +225,11 @@ def split_of(data_config: ml_collections.ConfigDict, base: Any) -> dict[str, np.
     )
 
 
+def split_sizes(data_config: ml_collections.ConfigDict) -> dict[str, int]:
+    """Images in each split ('train', 'val', 'test'), empty splits included."""
+    return {name: len(indices) for name, indices in split_of(data_config, base_dataset(data_config)).items()}
+
+
 def build_dataset(data_config: ml_collections.ConfigDict, split: str, *,
                   with_instances: bool = False, require_instance_labels: bool = False
                   ) -> SplitDataset | PatchDataset:

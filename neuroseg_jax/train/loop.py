@@ -260,16 +260,16 @@ def _check_finite(metrics: dict, step: int, checkpoints: checkpoint_lib.Checkpoi
         f"checkpoint: {workdir / 'checkpoints' / 'latest' / str(last) if last is not None else 'none'}")
 
 
-def _split_line(data_config: ml_collections.ConfigDict, num_train: int, num_val: int) -> str:
+def _split_line(data_config: ml_collections.ConfigDict) -> str:
     """Which images the run sees: a folder's test split is held out of training even when the model
     is later evaluated on another folder, so the log says how many images that is and why."""
     split = data_config.split
-    num_test = len(data_lib.build_dataset(data_config, "test"))
+    sizes = data_lib.split_sizes(data_config)
     origin = (f"split file {split.file}" if split.file else
               f"seeded split (seed {split.seed}, val_fraction {split.val_fraction}, test_fraction "
               f"{split.test_fraction})")
-    return (f"data: {num_train} train / {num_val} val / {num_test} test examples from {origin}; the test "
-            "examples are held out of training and model selection")
+    return (f"data: {sizes['train']} train / {sizes['val']} val / {sizes['test']} test images from {origin}; "
+            "the test images are held out of training and model selection")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
@@ -303,7 +303,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     validate = _Validation(config, trainer, num_val, touching_weights, workdir, checkpoints, previews)
     stop = _StopRequest()
     log = _TrainLog(config, workdir, trainer.total_steps, step)
-    log.message(_split_line(config.data, len(train_images), num_val))
+    log.message(_split_line(config.data))
     eval_every = int(config.train.eval_every or trainer.steps_per_epoch)
     checkpoint_every = int(config.train.checkpoint_every or eval_every)
     try:
