@@ -11,9 +11,8 @@ images, split, preprocessing and budget: each protocol below is one function tha
   written by ``python configs/protocols.py`` (seed 0, stratified by foreground fraction), which
   writes the same files again from the same folders.
 - Budget: batch 8, evaluation every 50 steps, and as many steps as IMSAHLO at width 16 (every
-  model's width here) trains in about 15 minutes on an idle 2-core CPU (about 1.3 s per step at
-  224x224): 600 steps on PFC-PN, 500 on BBBC039's larger crops. Each result's JSON records the
-  wall time its run took.
+  model's width here) should train in about 15 minutes on an idle 2-core CPU: 600 steps on PFC-PN,
+  500 on BBBC039's larger crops. Each result's JSON records the wall time its run took.
 - Whole-image evaluation: sliding windows of the crop size with 25 % overlap.
 """
 
