@@ -21,12 +21,11 @@ gradient's norm on those pixels (0: they pass none).
 Labels are the masks of synthetic neuron images; logits are a signed-distance margin
 (confident inside objects and background, uncertain at their borders) plus noise, so no model runs.
 
-    python benchmarks/outlier_gradients.py [--batch 24 --size 224] [--seeds 3]
+    python benchmarks/outlier_gradients.py [--batch=24 --size=224] [--seeds=3]
 """
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 
@@ -34,6 +33,7 @@ import cv2
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 
 from neuroseg_jax import losses
 from neuroseg_jax.data.synthetic import SyntheticNeurons
@@ -66,14 +66,19 @@ def _cosine(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.sum(a * b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b))
 
 
-def main() -> None:
+_BATCH = flags.DEFINE_integer("batch", None, "Images per batch (default: configs/morphoseg.py's train.batch_size).")
+_SIZE = flags.DEFINE_integer("size", None, "Square crop side (default: configs/morphoseg.py's data.crop_size).")
+_SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds to average over.")
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = morphoseg.get_config()
     settings = config.outliers
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=config.train.batch_size)
-    parser.add_argument("--size", type=int, default=config.data.crop_size[0])
-    parser.add_argument("--seeds", type=int, default=3)
-    args = parser.parse_args()
+    batch = _BATCH.value or int(config.train.batch_size)
+    size = _SIZE.value or int(config.data.crop_size[0])
+    seeds = _SEEDS.value
     if set(config.loss.terms) != {"bce", "dice"} or config.model.num_classes != 2:
         raise SystemExit(f"expected CE + Dice over 2 classes in configs/morphoseg.py; got {dict(config.loss.terms)}, "
                          f"K={config.model.num_classes}")
@@ -109,16 +114,16 @@ def main() -> None:
                           jnp.linalg.norm(unc_grad * on_placed) / jnp.linalg.norm(unc_grad))
         return rows
 
-    labels = _labels(args.batch, args.size)
-    print(f"batch {args.batch} x {args.size}x{args.size}, K=2, buffers {settings.buffer_size}/class, "
+    labels = _labels(batch, size)
+    print(f"batch {batch} x {size}x{size}, K=2, buffers {settings.buffer_size}/class, "
           f"{settings.num_candidates} -> {settings.num_selected} outliers per class, L_seg = "
           f"{config.loss.terms.bce} CE + {config.loss.terms.dice} Dice {dice_params}, L_unc = {settings.beta1} CE + "
-          f"{settings.beta2} Dice; mean over {args.seeds} seeds (min..max)")
+          f"{settings.beta2} Dice; mean over {seeds} seeds (min..max)")
     print(f"{'logits':13s} {'L_unc':26s} {'placed':>7s} {'cos all':>16s} {'cos same pixels':>17s} "
           f"{'grad on placed':>15s}")
     for state in STATES:
         results = {name: [] for name in VARIANTS}
-        for seed in range(args.seeds):
+        for seed in range(seeds):
             logits = _logits(labels, state, np.random.default_rng(seed))
             for name, values in cosines(logits, labels, jax.random.PRNGKey(seed)).items():
                 results[name].append([float(v) for v in values])
@@ -132,4 +137,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

@@ -17,18 +17,18 @@ training samples from), relative mahalanobis (the same minus the distance to one
 buffered entries, Ren et al. 2021), energy (-logsumexp of the logits) and, for VOS, its learned
 logistic's outlier probability.
 
-    python benchmarks/outlier_uncertainty.py [--steps 600] [--seeds 1]
+    python benchmarks/outlier_uncertainty.py [--steps=600] [--seeds=1]
 """
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 from scipy.stats import rankdata
 
 from neuroseg_jax import data, inference, models
@@ -126,14 +126,17 @@ def _maps(predict, image, num_classes, options) -> np.ndarray:
                            blended[..., num_classes:]], -1)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--seeds", type=int, default=1)
-    args = parser.parse_args()
-    for seed in range(args.seeds):
+_STEPS = flags.DEFINE_integer("steps", 600, "Training steps of each run.")
+_SEEDS = flags.DEFINE_integer("seeds", 1, "Seeds to run.")
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    steps, num_seeds = _STEPS.value, _SEEDS.value
+    for seed in range(num_seeds):
         for run, variant in RUNS.items():
-            config, state, metrics = train(variant, args.steps, seed)
+            config, state, metrics = train(variant, steps, seed)
             predict = map_fn(state, config)
             num_classes = int(config.model.num_classes)
             options = {**inference.sliding_options(config.inference), "blend": "gaussian"}
@@ -156,7 +159,7 @@ def main() -> None:
                     image[region] = values[region][:, None]
                     pasted.setdefault(name, []).append(_maps(predict, image, num_classes, options)[region][:, 1:])
             clean = {key: np.concatenate(value) for key, value in clean.items()}
-            print(f"\nseed {seed}, {run}: {args.steps} steps; last step: CE {metrics['loss/bce']:.3f}, Dice loss "
+            print(f"\nseed {seed}, {run}: {steps} steps; last step: CE {metrics['loss/bce']:.3f}, Dice loss "
                   f"{metrics['loss/dice']:.3f}; largest L_unc {metrics['largest uncertainty']:.3f}; val Dice "
                   f"{dice_terms[0] / max(dice_terms[1], 1):.3f} on {len(images)} images")
             print(f"  {'map':15s} {'clean fg':>9s} {'clean bg':>9s} " + " ".join(
@@ -173,4 +176,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

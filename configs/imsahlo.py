@@ -32,6 +32,7 @@ import sys
 import ml_collections
 
 from neuroseg_jax.data.config import INSTANCE_MODES, default_data_config, default_instances_config
+from neuroseg_jax.inference.config import default_inference_config
 from neuroseg_jax.losses.hybrid import IMSAHLO_ABLATIONS, IMSAHLO_PARAMS, IMSAHLO_WEIGHTS, imsahlo_term_weights
 from neuroseg_jax.models import MODELS
 from neuroseg_jax.train.config import (default_mesh_config, default_optim_config, default_outlier_config,
@@ -119,13 +120,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.update({"batch_size": 16, "num_epochs": 50})
     config.train.early_stop.patience = 15
     config.mesh = default_mesh_config()
-    config.inference = ml_collections.ConfigDict({
-        "window": (512, 768), "overlap": 0.25, "batch_size": 4, "blend": "gaussian", "tta": False,
-        "postprocess": True,
-        # Foreground probability threshold of masks; choose_threshold picks it on the validation
-        # split instead (stored with the checkpoint, see inference.choose_threshold).
-        "threshold": 0.5, "choose_threshold": False,
-    })
+    config.inference = default_inference_config()
     if args["data"] in PROTOCOLS:
         PROTOCOLS[args["data"]](config)
         # The protocols' few hundred steps: at the paper's 3e-4 the loss is still falling steeply at the end.

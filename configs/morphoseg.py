@@ -28,6 +28,7 @@ import sys
 import ml_collections
 
 from neuroseg_jax.data.config import default_data_config
+from neuroseg_jax.inference.config import default_inference_config
 from neuroseg_jax.models import MODELS
 from neuroseg_jax.train.config import (default_mesh_config, default_optim_config, default_outlier_config,
                                        default_train_config, parse_config_arg)
@@ -95,14 +96,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train = default_train_config()
     config.train.update({"batch_size": 24, "num_epochs": 200, "log_every": 20})
     config.mesh = default_mesh_config()
-    # overlap: a fraction of the window (< 1) or pixels (>= 1); 0.25 of 224 is the paper's 56 px.
-    config.inference = ml_collections.ConfigDict({
-        "window": (224, 224), "overlap": 0.25, "batch_size": 16, "blend": "constant", "tta": False,
-        "postprocess": False,
-        # Foreground probability threshold of masks; choose_threshold picks it on the validation
-        # split instead (stored with the checkpoint, see inference.choose_threshold).
-        "threshold": 0.5, "choose_threshold": False,
-    })
+    config.inference = default_inference_config()
+    # 224 px windows overlapping by 0.25 of them (the paper's 56 px), averaged, not post-processed.
+    config.inference.update({"window": (224, 224), "batch_size": 16, "blend": "constant", "postprocess": False})
     if args["data"] in PROTOCOLS:
         PROTOCOLS[args["data"]](config)
         # The protocol's patches become the model's 224x224 input; whole images are read through

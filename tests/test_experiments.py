@@ -100,6 +100,15 @@ def test_runner_writes_one_metrics_json_per_run_and_reports_the_failure(tiny_res
             assert np.mean(variant["per_image_dice"]) == pytest.approx(variant["per_image_mean"]["dice"])
         assert "coco_map" in record["metric_keys"]["ap@0.5:0.95"]
 
+        # The same test images again at the threshold of highest pooled validation Dice.
+        assert test["threshold"] == 0.5 and test["threshold_source"] == "config"
+        at_val = record["test_val_threshold"]
+        choice = at_val["threshold_choice"]
+        assert at_val["images"] == test_names and at_val["threshold_source"] == "validation"
+        assert at_val["threshold"] == choice["threshold"] and choice["split"] == "val"
+        assert choice["step"] == record["best"]["step"]
+        assert choice["val_dice"] == max(choice["candidates"].values()) >= choice["val_dice_at_0.5"]
+
 
 def _split_names(config, split):
     from neuroseg_jax import data
@@ -123,10 +132,56 @@ def test_second_invocation_skips_finished_runs_and_resumes_unfinished(tiny_resul
     assert report.skipped == [f"synthetic/{run.name}" for run in runs] and not report.written
 
 
-def _table_row(section: str, row: str) -> list[str]:
+def _leaves(tree, prefix=""):
+    """{'a.b[0]': value} of a JSON tree, for comparisons with a tolerance."""
+    if isinstance(tree, dict):
+        return {key: value for name, child in tree.items() for key, value in _leaves(child, f"{prefix}.{name}").items()}
+    if isinstance(tree, list):
+        return {key: value for index, child in enumerate(tree)
+                for key, value in _leaves(child, f"{prefix}[{index}]").items()}
+    return {prefix: tree}
+
+
+def test_a_finished_run_missing_an_evaluation_gets_it_from_its_best_checkpoint(tiny_results):
+    root, runs, _, _ = tiny_results
+    path = runs[0].result_path(root / "results")
+    complete = json.loads(path.read_text())
+    older = {key: value for key, value in complete.items() if key != "test_val_threshold"}
+    path.write_text(json.dumps(older))  # as an older runner wrote it
+    lines = []
+    report = experiments.run_experiments(runs[:1], results_dir=root / "results", work_dir=root / "runs",
+                                         log=lines.append)
+    assert report.ok and report.skipped == [f"synthetic/{runs[0].name}"] and not report.written
+    assert any("added ['test_val_threshold']" in line for line in lines)
+    completed = json.loads(path.read_text())
+    assert json.dumps({key: value for key, value in completed.items() if key != "test_val_threshold"},
+                      sort_keys=True) == json.dumps(older, sort_keys=True)
+    added = completed.pop("test_val_threshold")
+    assert len(added.pop("git")["commit"]) == 40 and added.pop("eval_s") > 0
+    # Same checkpoint, same stored threshold: the same metrics (distances to float rounding).
+    got, expected = _leaves(added), _leaves(complete["test_val_threshold"])
+    assert set(got) == set(expected)
+    numbers = [key for key, value in expected.items() if isinstance(value, float)]
+    assert [got[key] for key in numbers] == pytest.approx([expected[key] for key in numbers], rel=1e-6, nan_ok=True)
+    assert {key: got[key] for key in set(got) - set(numbers)} == {key: expected[key] for key in set(got) - set(numbers)}
+
+    path.write_text(json.dumps(older))
+    workdir = runs[0].workdir(root / "runs")
+    hidden = workdir.with_name(workdir.name + "-moved")
+    workdir.rename(hidden)
+    try:
+        report = experiments.run_experiments(runs[:1], results_dir=root / "results", work_dir=root / "runs",
+                                             log=lines.append)
+    finally:
+        hidden.rename(workdir)
+        path.write_text(json.dumps(complete))
+    assert report.failed == [f"synthetic/{runs[0].name}"] and "holds no best checkpoint" in lines[-2]
+
+
+def _table_rows(section: str, row: str) -> list[list[str]]:
+    """The row's cells in each table of the section, in order."""
     lines = [line for line in section.splitlines() if line.startswith(f"| {row} |")]
-    assert len(lines) == 1, section
-    return [cell.strip() for cell in lines[0].strip("|").split("|")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
 
 
 def test_report_shows_mean_and_sample_sd_over_seeds(tiny_results, tmp_path):
@@ -141,17 +196,20 @@ def test_report_shows_mean_and_sample_sd_over_seeds(tiny_results, tmp_path):
         a, b = values
         return f"{(a + b) / 2:.{decimals}f} ± {abs(a - b) / math.sqrt(2):.{decimals}f}"
 
-    cells = _table_row(section, "unet_tiny")
-    raw = [record["test"]["variants"]["raw"] for record in records]
-    assert cells[1] == "2 of 2"
-    assert cells[2] == by_hand([r["per_image_mean"]["dice"] for r in raw], 3)
-    assert cells[3] == by_hand([r["pooled"]["dice"] for r in raw], 3)
-    assert cells[4] == by_hand([r["pooled"]["precision"] for r in raw], 3)
-    assert cells[6] == by_hand([r["per_image_mean"]["hd95"] for r in raw], 1)
-    assert cells[9] == by_hand([r["pooled"]["coco_map"] for r in raw], 3)
-    assert cells[12] == by_hand([r["wall_s"]["train"] / 60 for r in records], 1)
-    assert cells[13] == records[0]["git"]["commit"][:7] + ("+dirty" if records[0]["git"]["dirty"] else "")
-    missing = _table_row(section, "never_trained")
+    configured, at_val = _table_rows(section, "unet_tiny")  # configured and validation-chosen threshold
+    for evaluation, cells in (("test", configured), ("test_val_threshold", at_val)):
+        raw = [record[evaluation]["variants"]["raw"] for record in records]
+        assert cells[1] == "2 of 2"
+        assert cells[2] == by_hand([record[evaluation]["threshold"] for record in records], 2)
+        assert cells[3] == by_hand([r["per_image_mean"]["dice"] for r in raw], 3)
+        assert cells[4] == by_hand([r["pooled"]["dice"] for r in raw], 3)
+        assert cells[5] == by_hand([r["pooled"]["precision"] for r in raw], 3)
+        assert cells[7] == by_hand([r["per_image_mean"]["hd95"] for r in raw], 1)
+        assert cells[10] == by_hand([r["pooled"]["coco_map"] for r in raw], 3)
+        assert cells[13] == by_hand([r["wall_s"]["train"] / 60 for r in records], 1)
+        assert cells[14] == records[0]["git"]["commit"][:7] + ("+dirty" if records[0]["git"]["dirty"] else "")
+    assert section.index("foreground threshold of highest pooled Dice on the validation") < section.rindex("unet_tiny")
+    (missing,) = _table_rows(section, "never_trained")  # in the first table only
     assert missing[1:3] == ["0 of 3", experiments.report.NOT_RUN] and not any(missing[3:])
     assert (root / "results" / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert written["runs"] == 2
@@ -256,6 +314,10 @@ def test_monai_reference_row_trains_on_our_batches_and_is_scored_by_our_metrics(
     assert record["test"]["images"] == _split_names(experiments.build_config(run), "test")
     assert len(raw["per_image_dice"]) == 3 and 0.0 <= raw["pooled"]["dice"] <= 1.0
     assert np.mean(raw["per_image_dice"]) == pytest.approx(raw["per_image_mean"]["dice"])
+    assert record["test"]["threshold_source"] == "config"
+    at_val = record["test_val_threshold"]
+    assert at_val["threshold_source"] == "validation" and at_val["images"] == record["test"]["images"]
+    assert at_val["threshold"] == at_val["threshold_choice"]["threshold"]
 
 
 def test_a_run_stopped_before_its_last_step_writes_nothing_and_stops_the_grid(tiny_results, tmp_path, monkeypatch):

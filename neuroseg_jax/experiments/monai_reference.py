@@ -5,7 +5,8 @@ What is shared with the JAX rows, so that only the model, loss and framework dif
 batches (``make_loader`` of the config: crops, augmentation, order, seed), the number of steps, the
 batch size, AdamW with the protocol's lr, betas, weight decay, lr schedule, global-norm clipping and
 ReduceLROnPlateau/early-stopping rule, the evaluation cadence with the best checkpoint chosen by
-validation loss, and the test-split evaluation (sliding window, threshold, post-processing).
+validation loss, and the test-split evaluation (sliding window, threshold, post-processing), also
+at the threshold of highest validation Dice (`inference.best_threshold`, as the JAX rows' 'val').
 The best weights are kept in memory and saved to ``WORKDIR/best.pt``; an interrupted reference run
 starts again from step 0.
 
@@ -23,13 +24,17 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from neuroseg_jax import data as data_lib
+from neuroseg_jax import inference, metrics
+from neuroseg_jax.experiments.runner import ReferenceUnavailable
+from neuroseg_jax.train import PlateauState, make_schedule, update_plateau
+from neuroseg_jax.train.builders import step_counts
+
 ROW = "monai_basicunet_dicece"
 TORCH_THREADS = 2
 
 
 def _import_torch_monai():
-    from neuroseg_jax.experiments.runner import ReferenceUnavailable
-
     try:
         import torch
         from monai.losses import DiceCELoss
@@ -47,10 +52,7 @@ def _to_torch(torch, batch: dict) -> tuple[Any, Any]:
 
 
 def _validate(torch, model, loss_fn, config: ml_collections.ConfigDict, batch_size: int) -> dict[str, float]:
-    """Mean per-image validation loss and pooled pixel scores, as the JAX loop's ``evaluate``."""
-    from neuroseg_jax import data as data_lib
-    from neuroseg_jax import metrics
-
+    """Mean per-image validation loss and pooled pixel scores, as the JAX loop's ``validation_metrics``."""
     model.eval()
     loss_sum, count, confusions = 0.0, 0, []
     with torch.no_grad():
@@ -69,12 +71,6 @@ def _validate(torch, model, loss_fn, config: ml_collections.ConfigDict, batch_si
 def train_and_evaluate_reference(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any]:
     """Train BasicUNet on ``config``'s protocol in ``workdir``, evaluate its best state on the test split."""
     torch, BasicUNet, DiceCELoss = _import_torch_monai()
-    from neuroseg_jax import data as data_lib
-    from neuroseg_jax import inference
-    from neuroseg_jax.inference import sliding_options  # evaluate_run's tiling of config.inference
-    from neuroseg_jax.train import PlateauState, make_schedule, update_plateau
-    from neuroseg_jax.train.builders import step_counts
-
     torch.set_num_threads(TORCH_THREADS)
     torch.manual_seed(int(config.seed))
     if config.optim.name != "adamw":
@@ -133,11 +129,21 @@ def train_and_evaluate_reference(config: ml_collections.ConfigDict, workdir: pat
             logits = model(torch.from_numpy(np.ascontiguousarray(np.moveaxis(np.asarray(batch, np.float32), -1, 1))))
         return np.moveaxis(torch.sigmoid(logits).numpy(), 1, -1)
 
+    sliding = inference.sliding_options(config.inference)  # evaluate_run's tiling of config.inference
     start = time.perf_counter()
-    output_dir = workdir / "eval" / "best-test"
-    results = inference.evaluate_dataset(
-        predict, data_lib.build_dataset(config.data, "test"), output_dir, tta_n=0,
-        postprocess=dict(inference.DEFAULT_POSTPROCESS) if config.inference.postprocess else None,
-        **sliding_options(config.inference))
-    return {"evaluation": results, "output_dir": str(output_dir), "train_s": train_s,
-            "eval_s": time.perf_counter() - start, "best": best}
+    test_images = data_lib.build_dataset(config.data, "test")
+
+    def evaluate(threshold: float, source: str, output_dir: pathlib.Path, **record) -> dict[str, Any]:
+        results = inference.evaluate_dataset(predict, test_images, output_dir, tta_n=0, threshold=threshold,
+                                             postprocess=inference.postprocess_options(config.inference, threshold),
+                                             **sliding)
+        results.update(threshold=threshold, threshold_source=source, **record)
+        return {"results": results, "output_dir": str(output_dir)}
+
+    chosen = inference.best_threshold(predict, data_lib.build_dataset(config.data, "val"), **sliding)
+    evaluations = {
+        "test": evaluate(float(config.inference.threshold), "config", workdir / "eval" / "best-test"),
+        "test_val_threshold": evaluate(chosen["threshold"], "validation", workdir / "eval" / "best-test-val_threshold",
+                                       threshold_choice={"split": "val", **chosen}),
+    }
+    return {"evaluations": evaluations, "train_s": train_s, "eval_s": time.perf_counter() - start, "best": best}

@@ -62,22 +62,30 @@ def format_mean_sd(values: Sequence[float], decimals: int) -> str:
     return f"{mean:.{decimals}f}" + ("" if sd is None else f" ± {sd:.{decimals}f}")
 
 
-def metric_values(records: Sequence[Mapping], section: str, key: str, variant: str) -> list[float]:
-    """One value per seed; a record without the variant or key is an error naming the run."""
+def metric_values(records: Sequence[Mapping], section: str, key: str, variant: str,
+                  evaluation: str = "test") -> list[float]:
+    """One value per seed; a record without the variant or key is an error naming the run.
+    ``evaluation``: 'test' (the configured threshold) or 'test_val_threshold'."""
     values = []
     for record in records:
         try:
-            values.append(float(record["test"]["variants"][variant][section][key]))
+            values.append(float(record[evaluation]["variants"][variant][section][key]))
         except KeyError as error:
             raise KeyError(f"results {record['set']}/{record['row']}-seed{record['seed']}: no "
-                           f"test.variants.{variant}.{section}.{key} ({error})") from None
+                           f"{evaluation}.variants.{variant}.{section}.{key} ({error})") from None
     return values
 
 
-def _commits(records: Sequence[Mapping]) -> str:
-    commits = sorted({record["git"]["commit"][:7] + ("+dirty" if record["git"].get("dirty") else "")
-                      for record in records})
-    return ", ".join(commits)
+def _commits(records: Sequence[Mapping], evaluation: str = "test") -> str:
+    """The training commits, and the evaluation's where it was added to the record later."""
+    def short(git: Mapping) -> str:
+        return git["commit"][:7] + ("+dirty" if git.get("dirty") else "")
+
+    commits = set()
+    for record in records:
+        trained, evaluated = short(record["git"]), record[evaluation].get("git")
+        commits.add(trained if evaluated is None else f"{trained} (evaluated {short(evaluated)})")
+    return ", ".join(sorted(commits))
 
 
 def grid_tables(grid: Sequence[Sequence]) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
@@ -94,19 +102,27 @@ def row_records(results: Mapping[tuple[str, str], list[dict]], set_name: str, ro
 
 
 def render_table(set_name: str, rows: Sequence[tuple[str, Sequence[int]]],
-                 results: Mapping[tuple[str, str], list[dict]], *, variant: str = "raw") -> str:
-    header = ["Row", "n seeds", *(name for name, *_ in COLUMNS), "Train min", "Commit"]
+                 results: Mapping[tuple[str, str], list[dict]], *, variant: str = "raw",
+                 evaluation: str = "test") -> str:
+    """One row per grid row, with the foreground threshold of its masks; with
+    ``evaluation='test_val_threshold'`` only the rows that hold that evaluation."""
+    header = ["Row", "n seeds", "Threshold", *(name for name, *_ in COLUMNS), "Train min", "Commit"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row, seeds in rows:
         records = row_records(results, set_name, row, seeds)
+        if evaluation != "test":
+            records = [record for record in records if evaluation in record]
+            if not records:
+                continue
         if not records:
             lines.append(f"| {row} | 0 of {len(seeds)} | {NOT_RUN} |" + " |" * (len(header) - 3))
             continue
-        cells = [format_mean_sd(metric_values(records, section, key, variant), decimals)
+        cells = [format_mean_sd(metric_values(records, section, key, variant, evaluation), decimals)
                  for _, section, key, decimals in COLUMNS]
+        thresholds = format_mean_sd([record[evaluation].get("threshold", 0.5) for record in records], 2)
         minutes = format_mean_sd([record["wall_s"]["train"] / 60.0 for record in records], 1)
-        lines.append("| " + " | ".join([row, f"{len(records)} of {len(seeds)}", *cells, minutes,
-                                        _commits(records)]) + " |")
+        lines.append("| " + " | ".join([row, f"{len(records)} of {len(seeds)}", thresholds, *cells, minutes,
+                                        _commits(records, evaluation)]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -131,6 +147,11 @@ def render_section(grids: Mapping[str, Sequence], results: Mapping[tuple[str, st
         for set_name, rows in grid_tables(grid).items():
             parts.append(f"#### {titles.get(grid_name, grid_name)}: {set_name}\n")
             parts.append(render_table(set_name, rows, results, variant=variant))
+            val_threshold = render_table(set_name, rows, results, variant=variant, evaluation="test_val_threshold")
+            if val_threshold.count("\n") > 2:
+                parts.append("Same runs, foreground threshold of highest pooled Dice on the validation split "
+                             "(chosen from 0.05 to 0.95, stored with the checkpoint):\n")
+                parts.append(val_threshold)
             row_notes = [(row, _note(notes, row)) for row, _ in rows]
             notes_text = "".join(f"- {row}: {text}\n" for row, text in row_notes if text)
             if notes_text:

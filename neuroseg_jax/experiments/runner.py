@@ -1,9 +1,11 @@
 """Experiment runner: train every run of a grid, evaluate its best checkpoint on the protocol's
 held-out 'test' split, and write one small ``results/<set>/<row>-seed<N>/metrics.json`` per run.
 
-A run whose metrics.json exists is skipped, so an interrupted grid continues where it stopped; a run
-interrupted mid-training resumes from its workdir's latest checkpoint (``train_and_evaluate``
-resumes). metrics.json is written last and atomically, so it exists only for a finished run: a run
+Each run's best checkpoint is evaluated at the configured threshold ('test') and, for binary masks,
+at the threshold of highest validation Dice ('test_val_threshold'). A run whose metrics.json exists
+is not trained again, so an interrupted grid continues where it stopped; an evaluation its JSON
+lacks (an older runner's) is added from the workdir's best checkpoint. A run interrupted
+mid-training resumes from its workdir's latest checkpoint (``train_and_evaluate`` resumes). metrics.json is written last and atomically, so it exists only for a finished run: a run
 that fails leaves nothing under results/, and the runner goes on to the next run.
 
 Configs are built by the same absl ``config_flags`` parsing ``launch/train.py`` does, from the very
@@ -28,6 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 import ml_collections
 
 from neuroseg_jax import inference, train
+from neuroseg_jax.data.config import instance_mode
 from neuroseg_jax.train import builders, loop
 from neuroseg_jax.train.checkpoint import Checkpoints
 from neuroseg_jax.train.metrics_log import read_metrics
@@ -204,6 +207,27 @@ def _check_finished(config: ml_collections.ConfigDict, workdir: pathlib.Path) ->
         raise TrainingStopped(f"{workdir}: training stopped at step {meta['step']} of {total_steps}")
 
 
+def evaluate_best(workdir: pathlib.Path, evaluation: str) -> dict[str, Any]:
+    """One evaluation of the best checkpoint on the test split: 'test' at the run's configured
+    threshold, 'test_val_threshold' at the threshold of highest validation Dice
+    (`inference.choose_threshold`, stored with the checkpoint)."""
+    val_threshold = evaluation == "test_val_threshold"
+    suffix = "-val_threshold" if val_threshold else ""
+    results = inference.evaluate_run(workdir, checkpoint="best", split=TEST_SPLIT, tta_n=0, progress=False,
+                                     threshold="val" if val_threshold else None,
+                                     output_dir=workdir / "eval" / f"best-{TEST_SPLIT}{suffix}")
+    if val_threshold:
+        results["threshold_choice"] = json.loads(
+            inference.threshold_path(workdir, "best", results["step"]).read_text())
+    return {"results": results, "output_dir": results["output_dir"]}
+
+
+def evaluations_of(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The test evaluations a run's JSON holds: a validation-chosen threshold only for binary masks
+    (instance mode decodes objects with config.instances' own thresholds)."""
+    return ("test",) if instance_mode(config.get("instances")) == "three_class" else ("test", "test_val_threshold")
+
+
 def train_and_evaluate_jax(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any]:
     """Train (or resume) in ``workdir``, then evaluate the best checkpoint on the test split."""
     resumed_from = _latest_checkpoint_step(workdir)
@@ -217,12 +241,10 @@ def train_and_evaluate_jax(config: ml_collections.ConfigDict, workdir: pathlib.P
     times.write_text(json.dumps({"train_s": train_s}))
     _check_finished(config, workdir)
     start = time.perf_counter()
-    results = inference.evaluate_run(workdir, checkpoint="best", split=TEST_SPLIT, tta_n=0, progress=False,
-                                     output_dir=workdir / "eval" / f"best-{TEST_SPLIT}")
-    eval_s = time.perf_counter() - start
-    return {"evaluation": results, "output_dir": results["output_dir"], "train_s": train_s, "eval_s": eval_s,
-            "resumed_from_step": resumed_from,
-            "best": {"step": results["step"], "val": _val_metrics_at(workdir, results["step"])}}
+    evaluations = {name: evaluate_best(workdir, name) for name in evaluations_of(config)}
+    step = evaluations["test"]["results"]["step"]
+    return {"evaluations": evaluations, "train_s": train_s, "eval_s": time.perf_counter() - start,
+            "resumed_from_step": resumed_from, "best": {"step": step, "val": _val_metrics_at(workdir, step)}}
 
 
 class ReferenceUnavailable(RuntimeError):
@@ -249,10 +271,14 @@ def compact_evaluation(results: Mapping[str, Any], output_dir: str | os.PathLike
             "per_image_dice": [float(row["dice"]) for row in variant_rows],
         }
     first = next(iter(results["variants"]))
-    return {"split": TEST_SPLIT, "checkpoint": "best", "tta_n": 0, "num_images": results["num_images"],
-            # Foreground threshold of the masks and where it came from ('config' or 'validation').
-            "threshold": results.get("threshold", 0.5), "threshold_source": results.get("threshold_source", "config"),
-            "images": [row["name"] for row in rows if row["variant"] == first], "variants": variants}
+    compact = {"split": TEST_SPLIT, "checkpoint": "best", "tta_n": 0, "num_images": results["num_images"],
+               # Foreground threshold of the masks and where it came from ('config' or 'validation').
+               "threshold": results.get("threshold", 0.5),
+               "threshold_source": results.get("threshold_source", "config"),
+               "images": [row["name"] for row in rows if row["variant"] == first], "variants": variants}
+    if "threshold_choice" in results:  # validation Dice of every candidate threshold
+        compact["threshold_choice"] = results["threshold_choice"]
+    return compact
 
 
 def _json_default(value):
@@ -282,16 +308,46 @@ def run_one(run: ExperimentRun, results_dir, work_dir) -> pathlib.Path:
         "wall_s": {"train": outcome["train_s"], "eval": outcome["eval_s"]},
         "resumed_from_step": outcome.get("resumed_from_step"),
         "best": outcome["best"],
-        "test": compact_evaluation(outcome["evaluation"], outcome["output_dir"]),
+        **{name: compact_evaluation(evaluation["results"], evaluation["output_dir"])
+           for name, evaluation in outcome["evaluations"].items()},
         "metric_keys": METRIC_KEYS,
         "config": config.to_dict(),
     }
-    path = run.result_path(results_dir)
+    return _write_record(run.result_path(results_dir), record)
+
+
+def _write_record(path: pathlib.Path, record: Mapping[str, Any]) -> pathlib.Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".json.partial")
     partial.write_text(json.dumps(record, indent=1, default=_json_default))
     partial.replace(path)
     return path
+
+
+def missing_evaluations(record: Mapping[str, Any]) -> list[str]:
+    """Evaluations a finished JAX run's metrics.json lacks (written by an older runner)."""
+    if record["row"] in _reference_rows():
+        return []
+    return [name for name in evaluations_of(ml_collections.ConfigDict(record["config"])) if name not in record]
+
+
+def complete_record(run: ExperimentRun, results_dir, work_dir) -> list[str]:
+    """Adds the missing evaluations to a finished run's metrics.json from its workdir's best
+    checkpoint (no training), each with the commit that computed it; returns their names."""
+    path = run.result_path(results_dir)
+    record = json.loads(path.read_text())
+    missing = missing_evaluations(record)
+    workdir = run.workdir(work_dir)
+    if missing and not (workdir / "checkpoints" / "best").is_dir():
+        raise FileNotFoundError(f"{path} lacks {missing}, and {workdir} holds no best checkpoint to evaluate")
+    for name in missing:
+        start = time.perf_counter()
+        evaluation = evaluate_best(workdir, name)
+        record[name] = {**compact_evaluation(evaluation["results"], evaluation["output_dir"]),
+                        "git": loop.git_state(), "eval_s": time.perf_counter() - start}
+    if missing:
+        _write_record(path, record)
+    return missing
 
 
 def describe_runs(runs: Sequence[ExperimentRun], results_dir, work_dir) -> list[str]:
@@ -301,7 +357,8 @@ def describe_runs(runs: Sequence[ExperimentRun], results_dir, work_dir) -> list[
     lines = []
     for run in runs:
         if run.result_path(results_dir).exists():
-            state = "done"
+            missing = missing_evaluations(json.loads(run.result_path(results_dir).read_text()))
+            state = "done" + (f", lacks {missing}" if missing else "")
         elif (step := _latest_checkpoint_step(run.workdir(work_dir))) is not None:
             state = f"resumes from step {step}"
         else:
@@ -336,7 +393,14 @@ def run_experiments(runs: Sequence[ExperimentRun], *, results_dir="results", wor
     for index, run in enumerate(runs, 1):
         label = f"[{index}/{len(runs)}] {run.set}/{run.name}"
         if run.result_path(results_dir).exists():
-            log(f"{label}: done before ({run.result_path(results_dir)}), skipped")
+            try:
+                added = complete_record(run, results_dir, work_dir)
+            except Exception:  # as a failed run: logged, and the grid goes on
+                log(f"{label}: done before, but completing its metrics.json FAILED\n{traceback.format_exc()}")
+                report.failed.append(f"{run.set}/{run.name}")
+                continue
+            log(f"{label}: done before ({run.result_path(results_dir)})"
+                + (f", added {added}" if added else ", skipped"))
             report.skipped.append(f"{run.set}/{run.name}")
             continue
         log(f"{label}: {shlex.join(run.config_flags())}")

@@ -99,19 +99,21 @@ def threshold_path(workdir: str | pathlib.Path, checkpoint: str, step: int) -> p
     return folder / THRESHOLD_FILE
 
 
-def _choose(run: Run, workdir: str | pathlib.Path, checkpoint: str, candidates) -> dict:
-    """`choose_threshold` for a loaded run."""
-    if instance_mode(run.config.get("instances")) == "three_class":
-        raise ValueError("choose_threshold: in instance mode (config.instances.mode='three_class') masks come from "
-                         "the watershed decode with config.instances' thresholds, not config.inference.threshold")
-    candidates = sorted({probability(value, "choose_threshold candidate") for value in candidates})
+def best_threshold(predict_fn: Callable[[np.ndarray], np.ndarray], dataset, candidates=THRESHOLD_CANDIDATES,
+                   **sliding) -> dict:
+    """The candidate threshold of highest pooled Dice over ``dataset`` (a validation split).
+
+    Every image is predicted once (whole image through the sliding window, no TTA); the confusion
+    counts of each candidate are summed over the images and Dice computed once per candidate; ties go
+    to the candidate closest to 0.5, the threshold the loss was trained for. Any predictor works (a
+    reference model's too). Returns dict(num_images, threshold, val_dice, val_dice_at_0.5,
+    candidates={str(t): dice}).
+    """
+    candidates = sorted({probability(value, "threshold candidate") for value in candidates})
     if not candidates:
-        raise ValueError("choose_threshold: no candidate thresholds given")
-    dataset = data_lib.build_dataset(run.config.data, "val")
+        raise ValueError("best_threshold: no candidate thresholds given")
     if len(dataset) == 0:
-        raise ValueError(f"choose_threshold needs validation images, but split 'val' of {run.config.data.source} "
-                         "data is empty (config.data.split)")
-    predict_fn, sliding = make_predict_fn(run.model, run.variables), sliding_options(run.config.inference)
+        raise ValueError("best_threshold: the validation dataset is empty (config.data.split)")
     scored = sorted(set(candidates) | {0.5})
     pooled = {threshold: {"tp": 0, "fp": 0, "fn": 0, "tn": 0} for threshold in scored}
     for index in range(len(dataset)):
@@ -121,11 +123,20 @@ def _choose(run: Run, workdir: str | pathlib.Path, checkpoint: str, candidates) 
             pooled[threshold] = sum_confusions(
                 [pooled[threshold], confusion_counts(foreground, example["mask"], threshold=threshold)])
     dice = {threshold: metrics_from_confusion(counts)["dice"] for threshold, counts in pooled.items()}
-    # Highest pooled Dice; among equals the one closest to 0.5, the threshold the loss was trained for.
     chosen = max(candidates, key=lambda threshold: (dice[threshold], -abs(threshold - 0.5)))
-    record = {"checkpoint": str(checkpoint), "step": int(run.step), "split": "val", "num_images": len(dataset),
-              "threshold": chosen, "val_dice": dice[chosen], "val_dice_at_0.5": dice[0.5],
-              "candidates": {str(threshold): dice[threshold] for threshold in candidates}}
+    return {"num_images": len(dataset), "threshold": chosen, "val_dice": dice[chosen], "val_dice_at_0.5": dice[0.5],
+            "candidates": {str(threshold): dice[threshold] for threshold in candidates}}
+
+
+def _choose(run: Run, workdir: str | pathlib.Path, checkpoint: str, candidates) -> dict:
+    """`choose_threshold` for a loaded run."""
+    if instance_mode(run.config.get("instances")) == "three_class":
+        raise ValueError("choose_threshold: in instance mode (config.instances.mode='three_class') masks come from "
+                         "the watershed decode with config.instances' thresholds, not config.inference.threshold")
+    dataset = data_lib.build_dataset(run.config.data, "val")  # an empty split raises there
+    chosen = best_threshold(make_predict_fn(run.model, run.variables), dataset, candidates,
+                            **sliding_options(run.config.inference))
+    record = {"checkpoint": str(checkpoint), "step": int(run.step), "split": "val", **chosen}
     path = threshold_path(workdir, checkpoint, run.step)
     partial = path.with_suffix(".partial")  # renamed when complete: never a half-written file
     partial.write_text(json.dumps(record, indent=2))
@@ -135,13 +146,9 @@ def _choose(run: Run, workdir: str | pathlib.Path, checkpoint: str, candidates) 
 
 def choose_threshold(workdir: str | pathlib.Path, checkpoint: str = "best", *,
                      config: ml_collections.ConfigDict | None = None, candidates=THRESHOLD_CANDIDATES) -> dict:
-    """The foreground threshold of highest pooled Dice on the validation split, stored with the
-    checkpoint (`threshold_path`) for `evaluate_run` and `predict_run`.
-
-    Every validation image is predicted once (whole image, the run's sliding window, no TTA);
-    the confusion counts of each candidate are summed over the split and Dice computed once per
-    candidate; ties go to the candidate closest to 0.5. Returns (and stores) dict(checkpoint,
-    step, split, num_images, threshold, val_dice, val_dice_at_0.5, candidates={str(t): dice}).
+    """The foreground threshold of highest pooled Dice on the validation split (`best_threshold`
+    with the run's sliding window), stored with the checkpoint (`threshold_path`) for `evaluate_run`
+    and `predict_run`. Returns (and stores) `best_threshold`'s dict plus checkpoint, step and split.
     """
     return _choose(load_run(workdir, checkpoint, config), workdir, checkpoint, candidates)
 
@@ -164,8 +171,9 @@ def decision_threshold(run: Run, workdir: str | pathlib.Path, checkpoint: str,
     return _choose(run, workdir, checkpoint, THRESHOLD_CANDIDATES)["threshold"], "validation"
 
 
-def _postprocess_options(run: Run, threshold: float) -> dict | None:
-    return {**DEFAULT_POSTPROCESS, "threshold": threshold} if run.config.inference.postprocess else None
+def postprocess_options(inference_config: ml_collections.ConfigDict, threshold: float) -> dict | None:
+    """The morphological post-processing of ``config.inference`` at a decision threshold (None: off)."""
+    return {**DEFAULT_POSTPROCESS, "threshold": threshold} if inference_config.postprocess else None
 
 
 def evaluate_run(workdir: str | pathlib.Path, *, checkpoint: str = "best", split: str = "val",
@@ -188,12 +196,10 @@ def evaluate_run(workdir: str | pathlib.Path, *, checkpoint: str = "best", split
     instances = run.config.get("instances")  # instance mode: objects from the watershed decode
     dataset = data_lib.build_dataset(run.config.data, split,
                                      require_instance_labels=instance_mode(instances) == "three_class")
-    if len(dataset) == 0:
-        raise ValueError(f"split {split!r} of {run.config.data.source} data is empty")
     output_dir = pathlib.Path(output_dir or pathlib.Path(workdir) / "eval" / f"{checkpoint}-{split}")
     results = evaluate_dataset(
         make_predict_fn(run.model, run.variables), dataset, output_dir, tta_n=tta_n,
-        threshold=threshold, postprocess=_postprocess_options(run, threshold),
+        threshold=threshold, postprocess=postprocess_options(run.config.inference, threshold),
         progress=progress, instances=instances, **sliding_options(run.config.inference))
     results.update({"checkpoint": checkpoint, "step": run.step, "split": split, "data": run.config.data.root or
                     run.config.data.source, "output_dir": str(output_dir), "threshold": threshold,
@@ -232,6 +238,6 @@ def predict_run(workdir: str | pathlib.Path, inputs, output_dir: str | pathlib.P
     threshold, _ = decision_threshold(run, workdir, checkpoint, threshold)
     return predict_files(
         make_predict_fn(run.model, run.variables), inputs, output_dir, tta_n=tta_n, threshold=threshold,
-        postprocess=_postprocess_options(run, threshold), load_image=_file_loader(run.config.data),
+        postprocess=postprocess_options(run.config.inference, threshold), load_image=_file_loader(run.config.data),
         progress=progress, pixel_size=override, default_pixel_size=declared, instances=run.config.get("instances"),
         **sliding_options(run.config.inference))
