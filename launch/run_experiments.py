@@ -3,8 +3,8 @@
 
 Each run trains in ``--work_dir/<set>/<row>-seed<N>`` and, once its best checkpoint is evaluated on
 the held-out test split, writes ``--results_dir/<set>/<row>-seed<N>/metrics.json``. Runs with a
-metrics.json are not trained again (an evaluation the JSON lacks is added from the run's best
-checkpoint); re-running resumes the rest. ``--dry_run`` lists the runs, their state and
+metrics.json are not trained again (an evaluation the JSON lacks, or holds from an older version of
+the scoring, is redone from the run's best checkpoint); re-running resumes the rest. ``--dry_run`` lists the runs, their state and
 the command that reproduces each. Exits non-zero when a run failed (the others still run).
 """
 

@@ -93,6 +93,7 @@ def test_runner_writes_one_metrics_json_per_run_and_reports_the_failure(tiny_res
         assert test["images"] == test_names and test["num_images"] == 3
         assert set(_split_names(parsed, "val")).isdisjoint(test_names)
         assert (test["split"], test["checkpoint"], test["tta_n"]) == ("test", "best", 0)
+        assert test["version"] == record["test_val_threshold"]["version"] == runner.EVALUATION_VERSION
         assert set(test["variants"]) == {"raw", "post"}  # the quick config post-processes
         for variant in test["variants"].values():
             assert POOLED_KEYS <= set(variant["pooled"]) and PER_IMAGE_KEYS <= set(variant["per_image_mean"])
@@ -152,7 +153,7 @@ def test_a_finished_run_missing_an_evaluation_gets_it_from_its_best_checkpoint(t
     report = experiments.run_experiments(runs[:1], results_dir=root / "results", work_dir=root / "runs",
                                          log=lines.append)
     assert report.ok and report.skipped == [f"synthetic/{runs[0].name}"] and not report.written
-    assert any("added ['test_val_threshold']" in line for line in lines)
+    assert any("evaluated again: ['test_val_threshold']" in line for line in lines)
     completed = json.loads(path.read_text())
     assert json.dumps({key: value for key, value in completed.items() if key != "test_val_threshold"},
                       sort_keys=True) == json.dumps(older, sort_keys=True)
@@ -164,6 +165,16 @@ def test_a_finished_run_missing_an_evaluation_gets_it_from_its_best_checkpoint(t
     numbers = [key for key, value in expected.items() if isinstance(value, float)]
     assert [got[key] for key in numbers] == pytest.approx([expected[key] for key in numbers], rel=1e-6, nan_ok=True)
     assert {key: got[key] for key in set(got) - set(numbers)} == {key: expected[key] for key in set(got) - set(numbers)}
+
+    # An evaluation of an older version of the scoring (no version field) is redone too.
+    old_scoring = {**complete, "test": {k: v for k, v in complete["test"].items() if k != "version"}}
+    path.write_text(json.dumps(old_scoring))
+    report = experiments.run_experiments(runs[:1], results_dir=root / "results", work_dir=root / "runs",
+                                         log=lines.append)
+    assert report.ok and "evaluated again: ['test']" in lines[-2]
+    redone = json.loads(path.read_text())
+    assert redone["test"]["version"] == runner.EVALUATION_VERSION and "git" in redone["test"]
+    assert "git" not in redone["test_val_threshold"]  # current: left alone
 
     path.write_text(json.dumps(older))
     workdir = runs[0].workdir(root / "runs")
@@ -206,8 +217,9 @@ def test_report_shows_mean_and_sample_sd_over_seeds(tiny_results, tmp_path):
         assert cells[5] == by_hand([r["pooled"]["precision"] for r in raw], 3)
         assert cells[7] == by_hand([r["per_image_mean"]["hd95"] for r in raw], 1)
         assert cells[10] == by_hand([r["pooled"]["coco_map"] for r in raw], 3)
-        assert cells[13] == by_hand([r["wall_s"]["train"] / 60 for r in records], 1)
-        assert cells[14] == records[0]["git"]["commit"][:7] + ("+dirty" if records[0]["git"]["dirty"] else "")
+        assert cells[11] == by_hand([r["pooled"]["instance_map"] for r in raw], 3)
+        assert cells[14] == by_hand([r["wall_s"]["train"] / 60 for r in records], 1)
+        assert cells[15] == records[0]["git"]["commit"][:7] + ("+dirty" if records[0]["git"]["dirty"] else "")
     assert section.index("foreground threshold of highest pooled Dice on the validation") < section.rindex("unet_tiny")
     (missing,) = _table_rows(section, "never_trained")  # in the first table only
     assert missing[1:3] == ["0 of 3", experiments.report.NOT_RUN] and not any(missing[3:])

@@ -367,8 +367,16 @@ def test_instance_mode_trains_and_evaluates_objects_from_the_watershed(tmp_path,
         lambda batch: 1.0 - perfect_three_class_predictor(batch)[..., :1], test_images, tmp_path / "binary",
         tta_n=0, postprocess=None, window=(40, 40), overlap=0, batch_size=1)
     assert binary["instances"] == "none"
-    assert binary["variants"]["raw"]["pooled"]["n_pred"] == 2
+    assert binary["variants"]["raw"]["pooled"]["n_pred"] == binary["variants"]["raw"]["pooled"]["n_target"] == 2
     assert binary["variants"]["raw"]["pooled"]["dice"] == 1.0
+    # Items with instance labels (as evaluate_run builds them): the merged pairs are scored against the
+    # 4 discs, so the binary mode's count error shows, as the instance mode's absence of one does.
+    labelled = inference.evaluate_dataset(
+        lambda batch: 1.0 - perfect_three_class_predictor(batch)[..., :1],
+        loop.data_lib.build_dataset(binary_config.data, "test", with_instances=True), tmp_path / "labelled",
+        tta_n=0, postprocess=None, window=(40, 40), overlap=0, batch_size=1)["variants"]["raw"]
+    assert (labelled["pooled"]["n_pred"], labelled["pooled"]["n_target"]) == (2, 4)
+    assert labelled["per_image_mean"]["abs_count_error"] == 1 and labelled["pooled"]["dice"] == 1.0
     # label_instances dispatches: binary mask -> components, three-class probabilities -> watershed.
     targets = three_class_targets(label_images[0])
     assert inference.label_instances(targets > 0).max() == 1

@@ -131,7 +131,7 @@ def train_and_evaluate_reference(config: ml_collections.ConfigDict, workdir: pat
 
     sliding = inference.sliding_options(config.inference)  # evaluate_run's tiling of config.inference
     start = time.perf_counter()
-    test_images = data_lib.build_dataset(config.data, "test")
+    test_images = data_lib.build_dataset(config.data, "test", with_instances=True)  # as evaluate_run
 
     def evaluate(threshold: float, source: str, output_dir: pathlib.Path, **record) -> dict[str, Any]:
         results = inference.evaluate_dataset(predict, test_images, output_dir, tta_n=0, threshold=threshold,

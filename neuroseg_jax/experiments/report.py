@@ -26,6 +26,7 @@ COLUMNS = (
     ("clDice", "per_image_mean", "cldice", 3),
     ("Betti-0 err", "per_image_mean", "betti0_error", 2),
     ("AP@0.5:0.95", "pooled", "coco_map", 3),
+    ("AP-DSB@0.5:0.95", "pooled", "instance_map", 3),
     ("F1@0.5", "pooled", "f1@0.50", 3),
     ("Count err", "per_image_mean", "abs_count_error", 2),
 )
@@ -141,8 +142,10 @@ def render_section(grids: Mapping[str, Sequence], results: Mapping[tuple[str, st
         f"'{variant}'. Mean ± sample sd over the seeds run (n seeds = run of listed). Dice per-image: mean "
         f"over images; pooled, precision, recall, AP, F1: pixel/object counts summed over images. HD95 "
         f"(MONAI convention), clDice, Betti-0 error and count error |objects predicted - true|: mean over "
-        f"images. AP@0.5:0.95: COCO-style ranked AP of connected components averaged over IoU "
-        f"0.50:0.05:0.95; F1@0.5: object F1 at IoU 0.5.\n"]
+        f"images. Objects are connected components, or the watershed decode in instance mode. "
+        f"AP@0.5:0.95: COCO-style ranked AP averaged over IoU 0.50:0.05:0.95; AP-DSB@0.5:0.95: the 2018 "
+        f"Data Science Bowl's score-free tp/(tp+fp+fn) averaged over the same IoUs; F1@0.5: object F1 at "
+        f"IoU 0.5.\n"]
     for grid_name, grid in grids.items():
         for set_name, rows in grid_tables(grid).items():
             parts.append(f"#### {titles.get(grid_name, grid_name)}: {set_name}\n")

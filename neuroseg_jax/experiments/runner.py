@@ -4,7 +4,7 @@ held-out 'test' split, and write one small ``results/<set>/<row>-seed<N>/metrics
 Each run's best checkpoint is evaluated at the configured threshold ('test') and, for binary masks,
 at the threshold of highest validation Dice ('test_val_threshold'). A run whose metrics.json exists
 is not trained again, so an interrupted grid continues where it stopped; an evaluation its JSON
-lacks (an older runner's) is added from the workdir's best checkpoint. A run interrupted
+lacks or holds in an older EVALUATION_VERSION is redone from the workdir's best checkpoint. A run interrupted
 mid-training resumes from its workdir's latest checkpoint (``train_and_evaluate`` resumes). metrics.json is written last and atomically, so it exists only for a finished run: a run
 that fails leaves nothing under results/, and the runner goes on to the next run.
 
@@ -37,6 +37,10 @@ from neuroseg_jax.train.metrics_log import read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SCHEMA_VERSION = 1
+# How a test evaluation scores objects; an evaluation of an older version is redone from the run's best
+# checkpoint. 1: objects matched to the target mask's connected components; 2: matched to the
+# dataset's instance labels where it has them (touching nuclei are separate targets).
+EVALUATION_VERSION = 2
 TEST_SPLIT = "test"
 # Where each headline metric of metrics.json lives, for readers of the JSON (see report.COLUMNS).
 METRIC_KEYS = {
@@ -271,7 +275,8 @@ def compact_evaluation(results: Mapping[str, Any], output_dir: str | os.PathLike
             "per_image_dice": [float(row["dice"]) for row in variant_rows],
         }
     first = next(iter(results["variants"]))
-    compact = {"split": TEST_SPLIT, "checkpoint": "best", "tta_n": 0, "num_images": results["num_images"],
+    compact = {"version": EVALUATION_VERSION, "split": TEST_SPLIT, "checkpoint": "best", "tta_n": 0,
+               "num_images": results["num_images"],
                # Foreground threshold of the masks and where it came from ('config' or 'validation').
                "threshold": results.get("threshold", 0.5),
                "threshold_source": results.get("threshold_source", "config"),
@@ -324,30 +329,32 @@ def _write_record(path: pathlib.Path, record: Mapping[str, Any]) -> pathlib.Path
     return path
 
 
-def missing_evaluations(record: Mapping[str, Any]) -> list[str]:
-    """Evaluations a finished JAX run's metrics.json lacks (written by an older runner)."""
+def evaluations_to_redo(record: Mapping[str, Any]) -> list[str]:
+    """Evaluations a finished JAX run's metrics.json lacks or holds in an older EVALUATION_VERSION
+    (written by an older runner). Reference rows are scored by their own trainer: rerun them instead."""
     if record["row"] in _reference_rows():
         return []
-    return [name for name in evaluations_of(ml_collections.ConfigDict(record["config"])) if name not in record]
+    return [name for name in evaluations_of(ml_collections.ConfigDict(record["config"]))
+            if record.get(name, {}).get("version", 1) < EVALUATION_VERSION]
 
 
 def complete_record(run: ExperimentRun, results_dir, work_dir) -> list[str]:
-    """Adds the missing evaluations to a finished run's metrics.json from its workdir's best
-    checkpoint (no training), each with the commit that computed it; returns their names."""
+    """(Re)computes the evaluations `evaluations_to_redo` names from the workdir's best checkpoint
+    (no training), each with the commit that computed it; returns their names."""
     path = run.result_path(results_dir)
     record = json.loads(path.read_text())
-    missing = missing_evaluations(record)
+    redo = evaluations_to_redo(record)
     workdir = run.workdir(work_dir)
-    if missing and not (workdir / "checkpoints" / "best").is_dir():
-        raise FileNotFoundError(f"{path} lacks {missing}, and {workdir} holds no best checkpoint to evaluate")
-    for name in missing:
+    if redo and not (workdir / "checkpoints" / "best").is_dir():
+        raise FileNotFoundError(f"{path} needs {redo} evaluated again, and {workdir} holds no best checkpoint")
+    for name in redo:
         start = time.perf_counter()
         evaluation = evaluate_best(workdir, name)
         record[name] = {**compact_evaluation(evaluation["results"], evaluation["output_dir"]),
                         "git": loop.git_state(), "eval_s": time.perf_counter() - start}
-    if missing:
+    if redo:
         _write_record(path, record)
-    return missing
+    return redo
 
 
 def describe_runs(runs: Sequence[ExperimentRun], results_dir, work_dir) -> list[str]:
@@ -357,8 +364,8 @@ def describe_runs(runs: Sequence[ExperimentRun], results_dir, work_dir) -> list[
     lines = []
     for run in runs:
         if run.result_path(results_dir).exists():
-            missing = missing_evaluations(json.loads(run.result_path(results_dir).read_text()))
-            state = "done" + (f", lacks {missing}" if missing else "")
+            redo = evaluations_to_redo(json.loads(run.result_path(results_dir).read_text()))
+            state = "done" + (f", to evaluate again: {redo}" if redo else "")
         elif (step := _latest_checkpoint_step(run.workdir(work_dir))) is not None:
             state = f"resumes from step {step}"
         else:
@@ -400,7 +407,7 @@ def run_experiments(runs: Sequence[ExperimentRun], *, results_dir="results", wor
                 report.failed.append(f"{run.set}/{run.name}")
                 continue
             log(f"{label}: done before ({run.result_path(results_dir)})"
-                + (f", added {added}" if added else ", skipped"))
+                + (f", evaluated again: {added}" if added else ", skipped"))
             report.skipped.append(f"{run.set}/{run.name}")
             continue
         log(f"{label}: {shlex.join(run.config_flags())}")

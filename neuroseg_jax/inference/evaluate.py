@@ -26,6 +26,12 @@ match its objects to the dataset's instance labels, so touching objects count ap
 and topology metrics score its foreground (the decoded objects' union, i.e. 1 - p_background above
 foreground_threshold, without the objects under min_size). There are no 'post' variants: the decode
 is the instance mode's post-processing.
+
+Objects of a binary prediction are its connected components. They are matched to the dataset
+items' `instances` labels where the items carry them (a dataset built with `with_instances`), so that
+on instance-labelled data (BBBC039) two touching nuclei are two target objects in every mode and a
+merged prediction counts as the error it is; items without labels fall back to the target mask's
+connected components (the same objects for masks whose objects do not touch).
 """
 
 from __future__ import annotations
@@ -45,10 +51,12 @@ from neuroseg_jax.inference.predict import DEFAULT_POSTPROCESS, _class_probabili
 from neuroseg_jax.inference.sliding import PredictFn, SlidingWindow
 from neuroseg_jax.metrics import (
     MORPHOSEG_THRESHOLDS,
+    as_instances,
     binarize,
     boundary_metrics,
     coco_average_precision,
     confusion_counts,
+    connected_components,
     image_level_scores,
     instance_metrics_from_counts,
     match_counts,
@@ -169,10 +177,10 @@ NOTES = {
 }
 
 
-def _example(dataset: Any, index: int, with_instances: bool = False
+def _example(dataset: Any, index: int, require_instances: bool = False
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(image (H, W, C) float32, target (H, W), instance labels (H, W) or None) of
-    ``dataset[index]``, checked; the labels with `with_instances` (instance mode)."""
+    ``dataset[index]``, checked; the labels are required in instance mode (`require_instances`)."""
     example = dataset[index]
     if "image" not in example or "mask" not in example:
         raise ValueError(f"dataset[{index}] lacks 'image' or 'mask' (keys {sorted(example)})")
@@ -180,25 +188,30 @@ def _example(dataset: Any, index: int, with_instances: bool = False
     if image.ndim != 3 or image.shape[:2] != target.shape:
         raise ValueError(f"dataset[{index}]: image {image.shape} and mask {target.shape} "
                          "must be (H, W, C) and (H, W)")
-    if not with_instances:
-        return image, target, None
     if "instances" not in example:
-        raise ValueError(f"dataset[{index}] has no instance labels, which instance mode scores objects "
-                         "against: build the dataset with build_dataset(..., require_instance_labels=True)")
-    return image, target, np.asarray(example["instances"])
+        if require_instances:
+            raise ValueError(f"dataset[{index}] has no instance labels, which instance mode scores objects "
+                             "against: build the dataset with build_dataset(..., require_instance_labels=True)")
+        return image, target, None
+    labels = np.asarray(example["instances"])
+    if labels.shape != target.shape:
+        raise ValueError(f"dataset[{index}]: instance labels {labels.shape} and mask {target.shape} differ in size")
+    return image, target, labels
 
 
 def _variant_scores(predict_fn: PredictFn, image: np.ndarray, target: np.ndarray, *, tiling: SlidingWindow,
                     tta_settings: Mapping[str, int], brightness_shift: float, threshold: float,
                     postprocess: Mapping | None, spacing, target_labels: np.ndarray | None = None,
                     instances: Mapping | None = None) -> dict[str, dict]:
-    """`score_image` of one image for every variant (module docstring), in report order; with
-    `target_labels` (instance mode) the variants are the watershed decodes of `instances`."""
+    """`score_image` of one image for every variant (module docstring), in report order; in
+    instance mode the variants are the watershed decodes of `instances`. Objects are matched to
+    `target_labels` where given, else to the target mask's connected components."""
+    three_class = instance_mode(instances) == "three_class"
     scores = {}
     for base, n in tta_settings.items():
         probabilities = _class_probabilities(predict_fn, image, tiling, tta_n=n, brightness_shift=brightness_shift)
         probability = foreground_probability(probabilities)
-        if target_labels is not None:
+        if three_class:
             pred_labels = label_instances(probabilities, instances=instances)
             scores[base] = score_image(pred_labels > 0, target, probability, spacing=spacing,
                                        pred_labels=pred_labels, target_labels=target_labels)
@@ -207,7 +220,9 @@ def _variant_scores(predict_fn: PredictFn, image: np.ndarray, target: np.ndarray
         if postprocess is not None:
             masks["post" if base == "raw" else f"{base}+post"] = postprocess_probs(probability, **postprocess)
         for variant, mask in masks.items():
-            scores[variant] = score_image(mask, target, probability, spacing=spacing)
+            objects = {} if target_labels is None else {"pred_labels": connected_components(mask),
+                                                         "target_labels": as_instances(target_labels)}
+            scores[variant] = score_image(mask, target, probability, spacing=spacing, **objects)
     return scores
 
 
@@ -254,8 +269,9 @@ def evaluate_dataset(
 
     Args:
       predict_fn: (n, h, w, C) float32 -> (n, h, w, K) probabilities.
-      dataset: len() and [i] -> dict(image=(H, W, C) float32, mask=(H, W) int); names from
-        `.names` or `.name(i)` when present.
+      dataset: len() and [i] -> dict(image=(H, W, C) float32, mask=(H, W) int, and optionally
+        instances=(H, W) int labels that objects are matched to); names from `.names` or `.name(i)`
+        when present.
       tta_n: TTA augmentations for the 'tta' variants (<= 1: no TTA variants).
       threshold: foreground probability threshold of the variants without post-processing.
       postprocess: `inference.postprocess` keyword arguments for the 'post' variants (None: none).
@@ -279,7 +295,7 @@ def evaluate_dataset(
     scores: dict[str, list[dict]] = {}
     csv_rows: list[dict] = []
     for index in _with_progress(range(len(dataset)), progress, "evaluate"):
-        image, target, target_labels = _example(dataset, index, with_instances=three_class)
+        image, target, target_labels = _example(dataset, index, require_instances=three_class)
         name = _name(dataset, index)
         variants = _variant_scores(predict_fn, image, target, tiling=tiling, tta_settings=tta_settings,
                                    brightness_shift=brightness_shift, threshold=threshold,

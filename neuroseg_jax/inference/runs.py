@@ -194,7 +194,8 @@ def evaluate_run(workdir: str | pathlib.Path, *, checkpoint: str = "best", split
     if data_root:
         config.data.source, config.data.root = "folder", str(data_root)
     instances = run.config.get("instances")  # instance mode: objects from the watershed decode
-    dataset = data_lib.build_dataset(run.config.data, split,
+    # Instance labels where the masks carry them: objects are matched to them (evaluate_dataset).
+    dataset = data_lib.build_dataset(run.config.data, split, with_instances=True,
                                      require_instance_labels=instance_mode(instances) == "three_class")
     output_dir = pathlib.Path(output_dir or pathlib.Path(workdir) / "eval" / f"{checkpoint}-{split}")
     results = evaluate_dataset(
