@@ -128,7 +128,8 @@ def render_table(set_name: str, rows: Sequence[tuple[str, Sequence[int]]],
 
 
 def _note(notes: Mapping[str, str], row: str) -> str | None:
-    return notes.get(row) or notes.get(row.split("-")[0])
+    """The note of the row, else of the first of its '-'-separated parts that has one."""
+    return next((notes[key] for key in (row, *row.split("-")) if key in notes), None)
 
 
 def render_section(grids: Mapping[str, Sequence], results: Mapping[tuple[str, str], list[dict]], *,
