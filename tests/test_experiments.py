@@ -322,6 +322,10 @@ def test_monai_reference_row_trains_on_our_batches_and_is_scored_by_our_metrics(
     assert record["trainer"] == monai_reference.ROW and set(record["commands"]) == {"run"}
     assert record["best"]["step"] in (1, 2) and math.isfinite(record["best"]["val"]["loss"])
     assert (run.workdir(tmp_path / "runs") / "best.pt").exists()
+    curve = [json.loads(line) for line in (run.workdir(tmp_path / "runs") / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["split"]) for r in curve] == [(1, "train"), (1, "val"), (2, "train"), (2, "val")]
+    best_val = [r for r in curve if r["split"] == "val" and r["step"] == record["best"]["step"]][0]
+    assert best_val["loss"] == pytest.approx(record["best"]["val"]["loss"])
     raw = record["test"]["variants"]["raw"]
     assert record["test"]["images"] == _split_names(experiments.build_config(run), "test")
     assert len(raw["per_image_dice"]) == 3 and 0.0 <= raw["pooled"]["dice"] <= 1.0

@@ -29,6 +29,7 @@ from neuroseg_jax import inference, metrics
 from neuroseg_jax.experiments.runner import ReferenceUnavailable
 from neuroseg_jax.train import PlateauState, make_schedule, update_plateau
 from neuroseg_jax.train.builders import step_counts
+from neuroseg_jax.train.metrics_log import MetricWriter
 
 ROW = "monai_basicunet_dicece"
 TORCH_THREADS = 2
@@ -94,6 +95,9 @@ def train_and_evaluate_reference(config: ml_collections.ConfigDict, workdir: pat
     batches = iter(data_lib.make_loader(config.data, "train", batch_size=batch_size, seed=int(config.seed),
                                         dataset=train_images))
 
+    # The validation curve in the JAX runs' format; a reference run always starts at step 0.
+    (workdir / "metrics.jsonl").unlink(missing_ok=True)
+    writer = MetricWriter(workdir)
     start = time.perf_counter()
     model.train()
     for step in range(1, num_steps + 1):
@@ -110,6 +114,10 @@ def train_and_evaluate_reference(config: ml_collections.ConfigDict, workdir: pat
         optimizer.step()
         if step % eval_every == 0 or step == num_steps:
             val = _validate(torch, model, loss_fn, config, eval_batch)
+            writer.write(step, "train", {"loss": loss.item()})
+            writer.write(step, "val", val)
+            print(f"{ROW} step {step}/{num_steps}: train loss {loss.item():.4f}, val loss {val['loss']:.4f}, "
+                  f"val Dice {val['dice']:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
             plateau = update_plateau(plateau, val["loss"], factor=plateau_config.factor,
                                      patience=plateau_config.patience, min_scale=plateau_config.min_scale,
                                      threshold=plateau_config.threshold,
@@ -119,6 +127,7 @@ def train_and_evaluate_reference(config: ml_collections.ConfigDict, workdir: pat
             if plateau.should_stop:
                 break
     train_s = time.perf_counter() - start
+    writer.close()
     torch.save(best_state, workdir / "best.pt")
 
     model.load_state_dict(best_state)
