@@ -383,3 +383,25 @@ def test_every_run_of_every_grid_builds_its_config(grid):
     if blocked:
         pytest.skip(f"{blocked}: their config's model declares no TransUNet sizes (model.hidden_size, num_layers, "
                     "num_heads, mlp_dim) for the CPU-sized transunet_small overrides; the other runs build")
+
+
+def test_git_state_is_dirty_for_changed_code_but_not_for_the_runners_results(tmp_path):
+    from neuroseg_jax.train.loop import git_state
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "metrics.json").write_text("{}")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "start")
+    clean = git_state(tmp_path)
+    assert len(clean["commit"]) == 40 and clean["dirty"] is False
+    (tmp_path / "results" / "metrics.json").write_text('{"a": 1}')  # the runner's own output
+    assert git_state(tmp_path / "results") == clean  # from a subfolder too
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_state(tmp_path) == {"commit": clean["commit"], "dirty": True}
+    assert git_state(tmp_path.parent / "nowhere-in-git")["commit"] == "unknown"

@@ -38,13 +38,16 @@ class NonFiniteLossError(FloatingPointError):
     terms and the last good checkpoint (the state of the bad step is never saved)."""
 
 
-def git_state() -> dict[str, Any]:
-    """The package's git commit and whether tracked files differ from it ('unknown' outside git)."""
+def git_state(path: str | pathlib.Path | None = None) -> dict[str, Any]:
+    """The git commit of the checkout holding ``path`` (default: this package) and whether tracked
+    files differ from it ('unknown' outside git). results/ does not count: the experiment runner
+    writes there, and it holds no code."""
     def git(*args):
         return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
-                              cwd=pathlib.Path(__file__).parent).stdout.strip()
+                              cwd=path or pathlib.Path(__file__).parent).stdout.strip()
     try:
-        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)results")
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(changed)}
     except (OSError, subprocess.CalledProcessError):
         return {"commit": "unknown", "dirty": None}
 
