@@ -30,8 +30,9 @@ NOTES = {
                               "batch, lr schedule, weight decay), best checkpoint by validation loss.",
     "three_class": "Instance mode ('-three_class' rows): background / interior / boundary targets from the "
                    "instance labels, softmax CE + Dice over 3 classes, objects decoded by seeded watershed "
-                   "(config.instances); the binary rows' objects are connected components, so touching "
-                   "nuclei merge.",
+                   "(config.instances); the binary rows' objects are connected components of the mask, "
+                   "so touching nuclei merge. Every row's objects are matched to the instance labels.",
+    "boundary2": "the boundary band of the three-class targets 2 pixels wide instead of 1.",
     "morphoseg": "MorphoSeg rows: the CPU-sized TransUNet of transunet_small, CE + Dice over 2 softmax "
                  "classes; '-outliers' adds virtual outlier synthesis and the uncertainty loss for the last "
                  "quarter of the steps (MorphoSeg: from epoch 150 of 200).",

@@ -405,3 +405,13 @@ def test_git_state_is_dirty_for_changed_code_but_not_for_the_runners_results(tmp
     (tmp_path / "code.py").write_text("x = 2\n")
     assert git_state(tmp_path) == {"commit": clean["commit"], "dirty": True}
     assert git_state(tmp_path.parent / "nowhere-in-git")["commit"] == "unknown"
+
+
+def test_a_note_names_every_row_it_applies_to_once():
+    text = experiments.report._notes_text(
+        {"three_class": "A", "boundary2": "B", "unet": "C"},
+        ["unet", "unet-three_class", "imsahlo-three_class", "unet-three_class-boundary2"])
+    assert text == ("- unet, unet-three_class, unet-three_class-boundary2: C\n"
+                    "- unet-three_class, imsahlo-three_class, unet-three_class-boundary2: A\n"
+                    "- unet-three_class-boundary2: B\n")
+    assert experiments.report._notes_text({"x": "never"}, ["unet"]) == ""

@@ -127,9 +127,15 @@ def render_table(set_name: str, rows: Sequence[tuple[str, Sequence[int]]],
     return "\n".join(lines) + "\n"
 
 
-def _note(notes: Mapping[str, str], row: str) -> str | None:
-    """The note of the row, else of the first of its '-'-separated parts that has one."""
-    return next((notes[key] for key in (row, *row.split("-")) if key in notes), None)
+def _notes_text(notes: Mapping[str, str], rows: Sequence[str]) -> str:
+    """One line per note that applies to a row (keyed by the row's name or by any of its
+    '-'-separated parts), naming the rows it applies to, in the rows' order."""
+    applies: dict[str, list[str]] = {}
+    for row in rows:
+        for key in dict.fromkeys((row, *row.split("-"))):
+            if key in notes:
+                applies.setdefault(key, []).append(row)
+    return "".join(f"- {', '.join(named)}: {notes[key]}\n" for key, named in applies.items())
 
 
 def render_section(grids: Mapping[str, Sequence], results: Mapping[tuple[str, str], list[dict]], *,
@@ -156,8 +162,7 @@ def render_section(grids: Mapping[str, Sequence], results: Mapping[tuple[str, st
                 parts.append("Same runs, foreground threshold of highest pooled Dice on the validation split "
                              "(chosen from 0.05 to 0.95, stored with the checkpoint):\n")
                 parts.append(val_threshold)
-            row_notes = [(row, _note(notes, row)) for row, _ in rows]
-            notes_text = "".join(f"- {row}: {text}\n" for row, text in row_notes if text)
+            notes_text = _notes_text(notes, [row for row, _ in rows])
             if notes_text:
                 parts.append(notes_text)
     if plot:
