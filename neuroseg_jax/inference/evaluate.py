@@ -171,8 +171,10 @@ NOTES = {
     "morphoseg_table": MORPHOSEG_NOTE,
     "empty_policy": "precision/recall/dice/iou/ap/f1 with a zero denominator: 1 when "
                     "prediction and truth are both empty, else 0 (metrics.pixel.safe_ratio)",
-    "instance_ap": "ap@t = tp/(tp+fp+fn) of 8-connected components matched at IoU >= t; "
-                   "coco_ap@t ranks objects by mean probability (101-point PR area)",
+    "instance_ap": "ap@t = tp/(tp+fp+fn) of predicted objects (8-connected components, or the instance "
+                   "mode's watershed decode) matched at IoU >= t to the dataset's instance labels where it "
+                   "has them, else to the target mask's components; coco_ap@t ranks objects by mean "
+                   "probability (101-point PR area)",
     "micro_f1": "over both classes; equals accuracy for binary single-label masks",
 }
 
