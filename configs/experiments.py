@@ -33,6 +33,8 @@ NOTES = {
                    "(config.instances); the binary rows' objects are connected components of the mask, "
                    "so touching nuclei merge. Every row's objects are matched to the instance labels.",
     "boundary2": "the boundary band of the three-class targets 2 pixels wide instead of 1.",
+    "touching10": "the boundary pixels where two nuclei touch weigh 1 + 10 in the cross-entropy "
+                  "(instances.touching_weight; U-Net's w0 = 10 for touching cells).",
     "morphoseg": "MorphoSeg rows: the CPU-sized TransUNet of transunet_small, CE + Dice over 2 softmax "
                  "classes; '-outliers' adds virtual outlier synthesis and the uncertainty loss for the last "
                  "quarter of the steps (MorphoSeg: from epoch 150 of 200).",
@@ -101,7 +103,10 @@ GRIDS = {
          {}, ONE_SEED) for model in ("unet", "imsahlo")] + [
         # A 2-pixel boundary band: a wider target for the model to learn where touching nuclei part.
         ("bbbc039", "unet-three_class-boundary2", "configs/imsahlo.py:data=bbbc039,model=unet,instances=three_class",
-         {"instances.boundary_width": 2}, ONE_SEED)],
+         {"instances.boundary_width": 2}, ONE_SEED),
+        # The cut between touching nuclei, a few percent of the boundary class, weighted as U-Net weighs it.
+        ("bbbc039", "unet-three_class-touching10", "configs/imsahlo.py:data=bbbc039,model=unet,instances=three_class",
+         {"instances.touching_weight": 10.0}, ONE_SEED)],
     "smoke": [("fnc", "unet", "configs/imsahlo.py:data=fnc,model=unet", {}, ONE_SEED)],
     # For tests: two seeds of a 4-wide U-Net trained 4 steps on 32 px crops of synthetic images.
     "tiny": [("synthetic", "unet_tiny", "configs/imsahlo.py:quick,model=unet,loss=dice+bce", {

@@ -7,7 +7,7 @@ from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
 from neuroseg_jax.data.instance_targets import (
-    BACKGROUND, BOUNDARY, INTERIOR, check_instance_labels, three_class_targets)
+    BACKGROUND, BOUNDARY, INTERIOR, check_instance_labels, three_class_targets, touching_band_weights)
 from neuroseg_jax.inference.watershed import instances_from_three_class
 from neuroseg_jax.metrics.instances import connected_components, instance_iou, instance_metrics
 from conftest import shared_dataset
@@ -92,6 +92,39 @@ def test_targets_match_per_object_erosion_on_random_labels(width):
     remapped = np.where(labels > 0, labels * 70001 + 5, 0).astype(np.int64)
     np.testing.assert_array_equal(three_class_targets(remapped, boundary_width=width),
                                   reference_targets(labels, width))
+
+
+def reference_touching_band(labels, width):
+    """Object pixels with another object's id at distance <= width, found pixel by pixel."""
+    band = np.zeros(labels.shape, bool)
+    height, width_px = labels.shape
+    for row, col in zip(*np.nonzero(labels)):
+        for dr in range(-width, width + 1):
+            for dc in range(-width, width + 1):
+                r, c = row + dr, col + dc
+                if dr * dr + dc * dc <= width * width and 0 <= r < height and 0 <= c < width_px \
+                        and labels[r, c] not in (0, labels[row, col]):
+                    band[row, col] = True
+    return band
+
+
+@pytest.mark.parametrize("width", [1, 2])
+def test_touching_band_matches_a_pixel_by_pixel_search(width):
+    rng = np.random.default_rng(width)
+    labels = touching_discs((48, 40), rng.uniform(0, 48, size=(9, 2)), radius=6)
+    labels[labels == 3] = 0  # a gap: its former neighbours touch only the background there
+    labels = np.where(labels > 0, labels * 9001 + 70000, 0)  # gaps in the ids and ids above 65535
+    band = reference_touching_band(labels, width)
+    assert 0 < band.sum() < (three_class_targets(labels, boundary_width=width) == BOUNDARY).sum()
+    weights = touching_band_weights(labels, boundary_width=width, weight=10.0)
+    assert weights.dtype == np.float32
+    np.testing.assert_array_equal(weights, np.where(band, 10.0, 0.0))
+    # Two objects apart by more than the width, or one object on the image edge: no band.
+    apart = np.zeros((12, 20), np.int32)
+    apart[:, :8], apart[:, 8 + width + 1:] = 1, 2
+    assert not touching_band_weights(apart, boundary_width=width, weight=10.0).any()
+    with pytest.raises(ValueError, match="touching weight"):
+        touching_band_weights(apart, weight=-1.0)
 
 
 def test_image_edge_is_not_boundary():
@@ -241,11 +274,11 @@ def instance_data_config(root):
     return config
 
 
-def three_class_mode(boundary_width=1):
+def three_class_mode(boundary_width=1, touching_weight=0.0):
     from neuroseg_jax.data.config import default_instances_config
 
     instances = default_instances_config()
-    instances.update({"mode": "three_class", "boundary_width": boundary_width})
+    instances.update({"mode": "three_class", "boundary_width": boundary_width, "touching_weight": touching_weight})
     return instances
 
 
@@ -272,9 +305,16 @@ def test_loader_masks_are_three_class_targets_of_the_augmented_crop(tmp_path, wi
     val = next(iter(make_loader(config, "val", batch_size=2, seed=0, instances=three_class_mode(width))))
     for image, mask in zip(val["image"], val["mask"]):
         np.testing.assert_array_equal(mask, reference_targets(labels_from_image(image), width))
+    assert "touching_weight" not in val
     # Mode 'none' keeps the binary masks.
     binary = next(iter(make_loader(config, "val", batch_size=2, seed=0)))
     np.testing.assert_array_equal(binary["mask"], (val["mask"] > 0).astype(np.int32))
+    # A touching weight adds the touching band of the augmented crop.
+    weighted = make_loader(config, "train", batch_size=2, seed=0, instances=three_class_mode(width, 10.0))
+    for batch in (batch for batch, _ in zip(weighted, range(2))):
+        for image, touching in zip(batch["image"], batch["touching_weight"]):
+            np.testing.assert_array_equal(touching, np.where(reference_touching_band(labels_from_image(image), width),
+                                                             10.0, 0.0))
 
 
 def test_binary_masks_in_instance_mode_name_the_file(tmp_path):
@@ -299,6 +339,23 @@ def test_binary_masks_in_instance_mode_name_the_file(tmp_path):
         validate_config(model_config, 1, 1)
     with pytest.raises(ValueError, match="instances='bogus'"):
         imsahlo.get_config("quick,instances=bogus")
+
+
+@pytest.mark.parametrize("mode, weight, terms, message", [
+    ("none", 10.0, {"bce": 1.0}, "needs config.instances.mode='three_class'"),
+    ("three_class", 10.0, {"dice": 1.0}, "touching_weight=10.0 has no effect"),
+    ("three_class", -1.0, {"bce": 1.0}, "touching_weight=-1.0 must be >= 0"),
+])
+def test_touching_weight_config_errors(mode, weight, terms, message):
+    from configs import imsahlo
+    from neuroseg_jax.train.config import validate_config
+
+    config = imsahlo.get_config(f"quick,model=unet,instances={mode}")
+    config.instances.touching_weight = weight
+    config.loss.terms = terms
+    config.loss.params = {}
+    with pytest.raises(ValueError, match=message):
+        validate_config(config, 1, 1)
 
 
 def test_synthetic_instance_mode_targets():
@@ -336,6 +393,7 @@ def test_instance_mode_trains_and_evaluates_objects_from_the_watershed(tmp_path,
     config.model.width = 4
     config.train.update({"batch_size": 2, "num_steps": 2, "eval_every": 2, "log_every": 1, "num_preview": 1})
     config.inference.update({"window": (40, 40), "batch_size": 1})
+    config.instances.touching_weight = 10.0  # the cross-entropy weighs the cut between each pair
 
     loaders = []
     make_loader = loop.data_lib.make_loader

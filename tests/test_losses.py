@@ -365,18 +365,40 @@ def test_boundary_loss_adds_touching_weights_like_numpy():
         losses.boundary_loss(jnp.asarray(logits), jnp.asarray(labels), touching_weights=jnp.asarray(touching[0]))
 
 
-def test_hybrid_routes_touching_weights_to_the_boundary_term_only():
+def test_hybrid_routes_touching_weights_to_the_boundary_term_and_the_cross_entropy():
     logits = _noisy_logits(seed=4)
     touching = jax.random.uniform(jax.random.PRNGKey(5), SHAPE) * 10.0 * (LABELS == 0)
-    weights = {"boundary": 0.5, "bce": 0.5}
+    weights = {"boundary": 0.5, "bce": 0.5, "dice": 0.25}
     _, plain = losses.hybrid_loss(logits, LABELS, weights=weights)
     total, terms = losses.hybrid_loss(logits, LABELS, weights=weights, touching_weights=touching)
-    np.testing.assert_allclose(float(terms["bce"]), float(plain["bce"]), rtol=1e-6)
+    np.testing.assert_allclose(float(terms["dice"]), float(plain["dice"]), rtol=1e-6)
+    p = 1 / (1 + np.exp(-np.asarray(logits[..., 0], np.float64)))
+    g = np.asarray(LABELS, np.float64)
+    weighted_bce = np.mean(-(1 + np.asarray(touching, np.float64)) * (g * np.log(p) + (1 - g) * np.log(1 - p)))
+    np.testing.assert_allclose(float(terms["bce"]), weighted_bce, rtol=1e-5)
     expected = _reference_boundary_loss(np.asarray(logits), np.asarray(LABELS), np.asarray(touching, np.float64))
     np.testing.assert_allclose(float(terms["boundary"]), expected, rtol=1e-5)
-    np.testing.assert_allclose(float(total), 0.5 * float(terms["boundary"]) + 0.5 * float(terms["bce"]), rtol=1e-6)
-    with pytest.raises(ValueError, match="touching_weights"):
-        losses.hybrid_loss(logits, LABELS, weights=weights, params={"boundary": {"touching_weights": touching}})
+    np.testing.assert_allclose(float(total), 0.5 * float(terms["boundary"]) + 0.5 * float(terms["bce"])
+                               + 0.25 * float(terms["dice"]), rtol=1e-6)
+    for term in ("touching_weights", "pixel_weights"):
+        with pytest.raises(ValueError, match=term):
+            losses.hybrid_loss(logits, LABELS, weights=weights, params={"bce": {term: touching}})
+
+
+@pytest.mark.parametrize("case", ["objects", "empty"])
+def test_three_class_cross_entropy_with_touching_weights(case):
+    """Softmax CE weighted by 1 + touching weights (instance mode), against numpy's log-softmax."""
+    labels = jax.random.randint(jax.random.PRNGKey(6), SHAPE, 0, 3) if case == "objects" \
+        else jnp.zeros(SHAPE, jnp.int32)
+    touching = 10.0 * (jax.random.uniform(jax.random.PRNGKey(7), SHAPE) > 0.8) * (labels == 2)
+    logits = 3.0 * jax.random.normal(jax.random.PRNGKey(8), SHAPE + (3,))
+    value, grad = jax.jit(jax.value_and_grad(lambda x: losses.hybrid_loss(
+        x, labels, weights={"bce": 1.0}, touching_weights=touching)[0]))(logits)
+    shifted = np.asarray(logits, np.float64) - np.asarray(logits, np.float64).max(-1, keepdims=True)
+    log_softmax = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    log_pt = np.take_along_axis(log_softmax, np.asarray(labels)[..., None], -1)[..., 0]
+    np.testing.assert_allclose(float(value), np.mean(-(1 + np.asarray(touching)) * log_pt), rtol=1e-5)
+    assert np.isfinite(np.asarray(grad)).all()
 
 
 @pytest.mark.parametrize("case", ["cells", "empty"])

@@ -46,10 +46,13 @@ def default_instances_config() -> ml_collections.ConfigDict:
         (the masks must be instance labels; the model, with model.num_classes=3, learns background /
         interior / boundary targets and objects are decoded by seeded watershed).
       boundary_width: pixels of the boundary band of the three-class targets.
+      touching_weight: extra cross-entropy weight of the boundary pixels that lie against another
+        object (instance_targets.touching_band_weights; U-Net's w0 for touching cells); 0 = none.
+        Three-class mode only; the batches' touching weights are then these, not data.touching_cells'.
       seed_threshold, foreground_threshold, min_seed_size, min_size: the watershed decode
         (inference.watershed.instances_from_three_class); min_size 15 as the binary post-processing.
     """
-    return ml_collections.ConfigDict(dict(mode="none", boundary_width=1, seed_threshold=0.5,
+    return ml_collections.ConfigDict(dict(mode="none", boundary_width=1, touching_weight=0.0, seed_threshold=0.5,
                                           foreground_threshold=0.5, min_seed_size=1, min_size=15))
 
 

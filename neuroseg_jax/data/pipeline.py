@@ -269,11 +269,13 @@ def build_dataset(data_config: ml_collections.ConfigDict, split: str, *,
 
 
 def loader_transforms(data_config: ml_collections.ConfigDict, split: str, *,
-                      touching_weights: bool = False, boundary_width: int | None = None
-                      ) -> list[grain.MapTransform]:
+                      touching_weights: bool = False, boundary_width: int | None = None,
+                      touching_band_weight: float = 0.0) -> list[grain.MapTransform]:
     """Per-record transforms of a split (everything after build_dataset, before batching);
     `touching_weights` adds the touching-cells weights of the final crop (data.touching_cells);
-    a `boundary_width` (instance mode) makes its mask the three-class targets with that band."""
+    a `boundary_width` (instance mode) makes its mask the three-class targets with that band, and a
+    `touching_band_weight` > 0 makes its touching weights those of the touching band instead
+    (instance_targets.touching_band_weights)."""
     crop_size = _size_or_none(data_config.crop_size)
     operations: list = []
     if split == "train":
@@ -289,7 +291,7 @@ def loader_transforms(data_config: ml_collections.ConfigDict, split: str, *,
     if touching_weights:
         operations.append(T.TouchingCellsWeight(data_config.touching_cells.w0, data_config.touching_cells.sigma))
     if boundary_width is not None:
-        operations.append(ThreeClassTargets(boundary_width))
+        operations.append(ThreeClassTargets(boundary_width, touching_band_weight))
     operations.append(T.ToBatchable())
     return operations
 
@@ -344,7 +346,8 @@ def make_loader(
     Binary masks hold one cell and get zeros.
     `instances`: config.instances; in 'three_class' mode the masks are the three-class targets
     (0 background, 1 interior, 2 boundary; instance_targets.three_class_targets with
-    instances.boundary_width) of the final crop's instance labels, and a dataset whose labels are
+    instances.boundary_width) of the final crop's instance labels, with the touching band's
+    weights as `touching_weight` when instances.touching_weight > 0, and a dataset whose labels are
     a binary mask raises a ValueError naming the file (`dataset`, if given, must then come from
     `build_dataset(..., require_instance_labels=True)`).
     """
@@ -384,7 +387,8 @@ def make_loader(
     # Random transforms draw from (their seed, position in the repeated stream): the same
     # whatever process of the worker pool computes the record.
     transforms = loader_transforms(data_config, split, touching_weights=touching_weights,
-                                   boundary_width=int(instances.boundary_width) if three_class else None)
+                                   boundary_width=int(instances.boundary_width) if three_class else None,
+                                   touching_band_weight=float(instances.get("touching_weight", 0.0)) if three_class else 0.0)
     batches = records.apply(transforms).batch(
         batch_size, drop_remainder=train, batch_fn=stack_batch
     )

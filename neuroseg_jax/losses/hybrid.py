@@ -30,8 +30,9 @@ LOSS_TERMS: dict[str, LossFn] = {
     "dice_cldice": dice_cldice_loss,
 }
 
-# Terms that take the host-computed touching-cells weights (see boundary.boundary_loss).
-TOUCHING_WEIGHTED_TERMS = frozenset({"boundary"})
+# Terms that take the host-computed touching-cells weights: the boundary term adds them to its
+# contour weights (boundary.boundary_loss), the cross-entropy to its per-pixel weight of 1 (U-Net eq. 2).
+TOUCHING_WEIGHTED_TERMS = frozenset({"boundary", "bce"})
 
 # IMSAHLO eq. 3 and the text below it: W1..W4 = 0.4, 0.2, 0.3, 0.1 for Tversky, boundary, focal, clDice.
 # (The ablation paragraph of §IV-D lists 0.4, 0.3, 0.2, 0.1 for Tversky, contour, focal, clDice; we follow
@@ -84,7 +85,8 @@ def hybrid_loss(logits: jax.Array, labels: jax.Array, *, weights: Mapping[str, f
         {'tversky': {'alpha': 0.3, 'beta': 0.7}, 'cldice': {'iterations': 10}}); unspecified keys keep
         the function defaults. Every key must also be in ``weights``.
       touching_weights: optional (B, H, W) touching-cells weights for the terms that take them
-        (``TOUCHING_WEIGHTED_TERMS``: the boundary term adds them to its contour weights).
+        (``TOUCHING_WEIGHTED_TERMS``: the boundary term adds them to its contour weights, 'bce'
+        weighs each pixel by 1 + touching_weights).
 
     Returns:
       (total float32 scalar, {term name: unweighted float32 scalar}) for the terms that were evaluated.
@@ -106,11 +108,14 @@ def hybrid_loss(logits: jax.Array, labels: jax.Array, *, weights: Mapping[str, f
         if _is_static_zero(weight):
             continue
         kwargs = dict(params.get(name, {}))
-        if {"mask", "reduction", "touching_weights"} & set(kwargs):
-            raise ValueError(f"loss params for {name!r} may not set 'mask', 'reduction' or 'touching_weights' "
-                             f"(hybrid_loss needs scalars and passes its own mask and weights)")
+        if {"mask", "reduction", "touching_weights", "pixel_weights"} & set(kwargs):
+            raise ValueError(f"loss params for {name!r} may not set 'mask', 'reduction', 'touching_weights' or "
+                             f"'pixel_weights' (hybrid_loss needs scalars and passes its own mask and weights)")
         if name in TOUCHING_WEIGHTED_TERMS and touching_weights is not None:
-            kwargs["touching_weights"] = touching_weights
+            if name == "bce":
+                kwargs["pixel_weights"] = 1.0 + touching_weights.astype(jnp.float32)
+            else:
+                kwargs["touching_weights"] = touching_weights
         try:
             value = LOSS_TERMS[name](logits, labels, mask=mask, **kwargs)
         except TypeError as error:

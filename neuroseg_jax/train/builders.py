@@ -27,9 +27,11 @@ def make_loss_fn(loss_config: ml_collections.ConfigDict):
 
 
 def needs_touching_weights(loss_config: ml_collections.ConfigDict) -> bool:
-    """Whether batches must carry the touching-cells weights (``data.touching_cells``): only when a
-    term that uses them has a weight, so other runs compute no distance transforms."""
-    return any(loss_config.terms.get(name) for name in losses.hybrid.TOUCHING_WEIGHTED_TERMS)
+    """Whether batches must carry U-Net's touching-cells weights (``data.touching_cells``): only when
+    the boundary term has a weight, so other runs compute no distance transforms. (The cross-entropy
+    also takes them when they are there; in instance mode the touching weights are
+    ``instances.touching_weight``'s band instead.)"""
+    return bool(loss_config.terms.get("boundary"))
 
 
 def outlier_start_step(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:

@@ -116,9 +116,19 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int, process
         raise ValueError("config.loss.terms is empty: give at least one loss term and its weight")
     from neuroseg_jax.data.config import instance_mode  # deferred like the imports above
 
-    if instance_mode(config.get("instances")) == "three_class" and int(config.model.num_classes) != 3:
+    three_class = instance_mode(config.get("instances")) == "three_class"
+    if three_class and int(config.model.num_classes) != 3:
         raise ValueError(f"config.instances.mode='three_class' needs config.model.num_classes=3 (background, "
                          f"interior, boundary), got {config.model.num_classes}")
+    touching_weight = config.instances.get("touching_weight", 0.0) if config.get("instances") else 0.0
+    if not touching_weight >= 0:
+        raise ValueError(f"config.instances.touching_weight={touching_weight!r} must be >= 0")
+    if touching_weight > 0 and not three_class:
+        raise ValueError("config.instances.touching_weight weighs the three-class targets' touching band: it needs "
+                         "config.instances.mode='three_class'")
+    if touching_weight > 0 and not any(config.loss.terms.get(name) for name in losses.hybrid.TOUCHING_WEIGHTED_TERMS):
+        raise ValueError(f"config.instances.touching_weight={touching_weight} has no effect: no term that takes "
+                         f"touching weights ({sorted(losses.hybrid.TOUCHING_WEIGHTED_TERMS)}) is in config.loss.terms")
     probability(config.inference.get("threshold", 0.5), "config.inference.threshold")
     batch = config.train.batch_size
     data_axis = mesh_shape(config.mesh, num_devices)[DATA_AXIS]
