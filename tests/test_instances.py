@@ -8,7 +8,7 @@ from scipy.optimize import linear_sum_assignment
 
 from neuroseg_jax.data.instance_targets import (
     BACKGROUND, BOUNDARY, INTERIOR, check_instance_labels, three_class_targets, touching_band_weights)
-from neuroseg_jax.inference.watershed import instances_from_three_class
+from neuroseg_jax.inference.watershed import declump, instances_from_three_class
 from neuroseg_jax.metrics.instances import connected_components, instance_iou, instance_metrics
 from conftest import shared_dataset
 
@@ -177,6 +177,29 @@ def test_seedless_objects_kept_and_small_objects_removed():
     assert instances_from_three_class(np.eye(3, dtype=np.float32)[np.zeros((5, 5), int)]).max() == 0
 
 
+def test_declump_splits_touching_discs_along_the_neck():
+    centres = [(12, 12), (12, 24), (32, 14), (34, 26)]  # two touching pairs: overlapping discs
+    labels = touching_discs((48, 56), centres, radius=7)
+    labels[5:8, 44:54] = 5  # a bar 3 px thick: no h-maximum, kept whole
+    labels[40:47, 2:9] = 6  # a square alone
+    mask = labels > 0
+    assert connected_components(mask).max() == 4
+    split = declump(mask)
+    assert split.dtype == np.int32 and split.max() == 6 and set(np.unique(split)) == set(range(7))
+    np.testing.assert_array_equal(split > 0, mask)
+    assert matched_ious(split, labels).min() > 0.85
+    # Same objects whatever the ids and with a blank margin; an empty mask has none.
+    padded = np.pad(mask, 5)
+    assert declump(padded).max() == 6
+    assert declump(np.zeros((8, 8), bool)).max() == 0
+    # A larger h needs deeper necks: the touching pairs stay merged.
+    assert declump(mask, h=5.0).max() == 4
+    with pytest.raises(ValueError, match="h=0"):
+        declump(mask, h=0)
+    with pytest.raises(ValueError, match=r"\(H, W\)"):
+        declump(np.zeros((2, 4, 4), bool))
+
+
 def test_real_bbbc039_ceiling():
     """Decoding the exact targets of real masks: the representation's ceiling (the numbers over all
     148 masks: mean |count error| 0.05, AP@0.5:0.95 0.998 at width 1)."""
@@ -341,6 +364,20 @@ def test_binary_masks_in_instance_mode_name_the_file(tmp_path):
         imsahlo.get_config("quick,instances=bogus")
 
 
+@pytest.mark.parametrize("mode, declump_h, message", [
+    ("three_class", 0.75, "declump splits a binary mask's objects by shape"),
+    ("none", 0.0, "declump_h=0.0 must be > 0"),
+])
+def test_declump_config_errors(mode, declump_h, message):
+    from configs import imsahlo
+    from neuroseg_jax.train.config import validate_config
+
+    config = imsahlo.get_config(f"quick,model=unet,instances={mode}")
+    config.instances.update({"declump": True, "declump_h": declump_h})
+    with pytest.raises(ValueError, match=message):
+        validate_config(config, 1, 1)
+
+
 @pytest.mark.parametrize("mode, weight, terms, message", [
     ("none", 10.0, {"bce": 1.0}, "needs config.instances.mode='three_class'"),
     ("three_class", 10.0, {"dice": 1.0}, "touching_weight=10.0 has no effect"),
@@ -435,10 +472,20 @@ def test_instance_mode_trains_and_evaluates_objects_from_the_watershed(tmp_path,
         tta_n=0, postprocess=None, window=(40, 40), overlap=0, batch_size=1)["variants"]["raw"]
     assert (labelled["pooled"]["n_pred"], labelled["pooled"]["n_target"]) == (2, 4)
     assert labelled["per_image_mean"]["abs_count_error"] == 1 and labelled["pooled"]["dice"] == 1.0
+    # Declumped by shape, the same binary masks give both discs of each pair back.
+    declumped = inference.evaluate_dataset(
+        lambda batch: 1.0 - perfect_three_class_predictor(batch)[..., :1],
+        loop.data_lib.build_dataset(binary_config.data, "test", with_instances=True), tmp_path / "declumped",
+        tta_n=0, postprocess=None, window=(40, 40), overlap=0, batch_size=1,
+        instances={**binary_config.instances, "declump": True})["variants"]["raw"]
+    assert (declumped["pooled"]["n_pred"], declumped["pooled"]["n_target"]) == (4, 4)
+    assert declumped["pooled"]["f1@0.50"] == 1.0
     # label_instances dispatches: binary mask -> components, three-class probabilities -> watershed.
     targets = three_class_targets(label_images[0])
     assert inference.label_instances(targets > 0).max() == 1
     assert inference.label_instances(onehot(targets), instances=config.instances).max() == 2
+    assert inference.label_instances(targets > 0, instances={"declump": True, "declump_h": 0.75,
+                                                             "declump_sigma": 1.0}).max() == 2
 
     # predict_run writes the watershed's labels: both discs of every pair, each with its own id.
     summary = inference.predict_run(tmp_path / "run", str(root / "images"), tmp_path / "predicted", progress=False)

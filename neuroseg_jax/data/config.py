@@ -51,9 +51,13 @@ def default_instances_config() -> ml_collections.ConfigDict:
         Three-class mode only; the batches' touching weights are then these, not data.touching_cells'.
       seed_threshold, foreground_threshold, min_seed_size, min_size: the watershed decode
         (inference.watershed.instances_from_three_class); min_size 15 as the binary post-processing.
+      declump, declump_h, declump_sigma: mode 'none' only: split the binary mask's touching
+        convex objects (nuclei) along its necks (inference.watershed.declump, h and sigma in
+        pixels) instead of taking its connected components; a decoding choice, training is the same.
     """
     return ml_collections.ConfigDict(dict(mode="none", boundary_width=1, touching_weight=0.0, seed_threshold=0.5,
-                                          foreground_threshold=0.5, min_seed_size=1, min_size=15))
+                                          foreground_threshold=0.5, min_seed_size=1, min_size=15,
+                                          declump=False, declump_h=0.75, declump_sigma=1.0))
 
 
 def instance_mode(instances: ml_collections.ConfigDict | None) -> str:

@@ -27,7 +27,8 @@ and topology metrics score its foreground (the decoded objects' union, i.e. 1 - 
 foreground_threshold, without the objects under min_size). There are no 'post' variants: the decode
 is the instance mode's post-processing.
 
-Objects of a binary prediction are its connected components. They are matched to the dataset
+Objects of a binary prediction are its connected components, or with `instances.declump` its
+components split by shape (`inference.watershed.declump`). They are matched to the dataset
 items' `instances` labels where the items carry them (a dataset built with `with_instances`), so that
 on instance-labelled data (BBBC039) two touching nuclei are two target objects in every mode and a
 merged prediction counts as the error it is; items without labels fall back to the target mask's
@@ -56,7 +57,6 @@ from neuroseg_jax.metrics import (
     boundary_metrics,
     coco_average_precision,
     confusion_counts,
-    connected_components,
     image_level_scores,
     instance_metrics_from_counts,
     match_counts,
@@ -222,9 +222,9 @@ def _variant_scores(predict_fn: PredictFn, image: np.ndarray, target: np.ndarray
         if postprocess is not None:
             masks["post" if base == "raw" else f"{base}+post"] = postprocess_probs(probability, **postprocess)
         for variant, mask in masks.items():
-            objects = {} if target_labels is None else {"pred_labels": connected_components(mask),
-                                                         "target_labels": as_instances(target_labels)}
-            scores[variant] = score_image(mask, target, probability, spacing=spacing, **objects)
+            scores[variant] = score_image(
+                mask, target, probability, spacing=spacing, pred_labels=label_instances(mask, instances=instances),
+                target_labels=as_instances(np.asarray(target) > 0 if target_labels is None else target_labels))
     return scores
 
 
@@ -280,7 +280,8 @@ def evaluate_dataset(
       spacing: pixel size for HD95/ASSD.
       instances: the run's config.instances; mode 'three_class' scores the watershed decode of
         (H, W, 3) probabilities against the dataset items' `instances` labels (module docstring;
-        `postprocess` is then unused). None or mode 'none': binary masks.
+        `postprocess` is then unused). None or mode 'none': binary masks (objects declumped by
+        shape with `instances.declump`).
       **sliding: window, overlap, batch_size, blend (see `SlidingWindow`); window None (the
         default here) = one forward pass of the whole image.
     Returns:

@@ -35,7 +35,7 @@ import numpy as np
 from scipy.spatial import ConvexHull
 from skimage.measure import regionprops_table
 
-from neuroseg_jax.inference.watershed import instances_from_probabilities
+from neuroseg_jax.inference.watershed import declump, instances_from_probabilities
 from neuroseg_jax.metrics import binarize, connected_components
 
 MORPHOLOGY_COLUMNS = (
@@ -79,7 +79,9 @@ def label_instances(prediction: np.ndarray, *, connectivity: int = 8, instances=
     """Instance labels (int32 (H, W), 0 = background, 1..n) of a prediction:
 
     binary mask (H, W)          its 8- (or 4-) connected foreground components, the same objects
-                                the instance metrics match (`metrics.connected_components`);
+                                the instance metrics match (`metrics.connected_components`), or with
+                                `instances.declump` its components split by shape
+                                (`inference.watershed.declump`, 8-connected);
     probabilities (H, W, 3)     the instance mode's background / interior / boundary softmax: seeded
                                 watershed (`inference.watershed`), with the decode settings of
                                 `instances` (the run's config.instances; None = the defaults), so
@@ -91,6 +93,8 @@ def label_instances(prediction: np.ndarray, *, connectivity: int = 8, instances=
     if prediction.ndim != 2:
         raise ValueError(f"label_instances takes a binary (H, W) mask or the instance mode's (H, W, 3) "
                          f"probabilities, got shape {prediction.shape}")
+    if instances is not None and instances.get("declump", False):
+        return declump(prediction, h=instances["declump_h"], sigma=instances["declump_sigma"])
     return connected_components(prediction, connectivity=connectivity)
 
 

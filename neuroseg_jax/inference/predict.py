@@ -306,7 +306,7 @@ class _FilePredictor:
         else:
             mask = (binarize(probability, self.threshold) if self.postprocess is None
                     else postprocess_probs(probability, **self.postprocess))
-            labels = label_instances(mask)
+            labels = label_instances(mask, instances=self.instances)
         try:
             rows = morphology_table(labels, image, spacing=pixel_size.spacing, unit=pixel_size.unit)
         except ValueError as error:

@@ -1,4 +1,7 @@
-"""Instances from three-class (background / interior / boundary) probabilities by seeded watershed.
+"""Objects from a model's outputs by seeded watershed: three-class probabilities, or a binary mask
+declumped by shape.
+
+Three-class (background / interior / boundary) probabilities, `instances_from_three_class`:
 
 The model's interior class separates touching objects (`neuroseg_jax.data.instance_targets`); its
 components are the seeds, and a watershed grows each seed over the boundary pixels of the
@@ -19,12 +22,25 @@ any value in (0, 1) decodes the same); min_seed_size 1 and min_size 1 keep every
 what the ceiling on exact targets measures. For model outputs, min_size around 15 (the
 post-processing default for binary masks) removes speckle, and min_seed_size of a few pixels keeps
 noise in a boundary band from splitting an object; both are decoding choices to tune on validation.
+
+A binary mask, `declump` (CellProfiler's "declump by shape"): where two round objects touch, the
+mask narrows to a neck, and its distance transform has one peak per object. The seeds are the
+h-maxima of the distance transform (smoothed by a Gaussian of `sigma` pixels): a peak counts when
+the saddle to every peak at least as high lies h pixels or more below it; the watershed of the
+negated distances within the mask splits it along the necks; components left without a seed (thin
+ones, when h exceeds their peak) stay whole. It needs no instance labels and no retraining, and suits convex objects such as nuclei;
+a neuron's soma and neurites would be cut apart, so it is off unless config.instances.declump is set.
+Defaults h = 0.75 px and sigma = 1 px: chosen on the BBBC039 validation split with the binary U-Net
+(AP@0.5:0.95 0.70 to 0.71 for h from 0.5 to 1.5 and sigma 1 or 1.5, against 0.58 for connected
+components; the mean count error grows with h, 2.8 nuclei at h = 0.5 to 8.6 at 1.5: 0.75 keeps both
+near their best).
 """
 
 from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
+from skimage.morphology import local_maxima, reconstruction
 from skimage.segmentation import watershed
 
 from neuroseg_jax.data.config import default_instances_config
@@ -83,6 +99,31 @@ def instances_from_three_class(
     return (consecutive if kept[0] == 0 else consecutive + 1).astype(np.int32)
 
 
+def declump(mask, *, h: float = 0.75, sigma: float = 1.0) -> np.ndarray:
+    """int32 (H, W) instance labels 1..n (0 = background) of a binary (H, W) mask, touching convex
+    objects split along the necks of the mask (module docstring)."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"declump takes a binary (H, W) mask, got shape {mask.shape}")
+    if not h > 0:
+        raise ValueError(f"declump h={h!r} must be > 0 (pixels)")
+    if not sigma >= 0:
+        raise ValueError(f"declump sigma={sigma!r} must be >= 0 (pixels)")
+    mask = mask > 0
+    distance = ndimage.distance_transform_edt(mask)
+    if sigma > 0:
+        distance = ndimage.gaussian_filter(distance, sigma)
+    # The h-maxima as regional maxima of the reconstruction of distance - h under distance, whose
+    # plateaus count once: skimage's h_maxima marks each of two equally high peaks (common in a
+    # distance transform) even when the saddle between them is less than h below.
+    domes = reconstruction(distance - h, distance, method="dilation")
+    seeds, _ = ndimage.label(local_maxima(domes, connectivity=2) & mask, structure=_EIGHT_CONNECTED)
+    labels = watershed(-distance, markers=seeds, mask=mask)
+    seedless, _ = ndimage.label(mask & (labels == 0), structure=_EIGHT_CONNECTED)
+    labels = np.where(seedless > 0, seedless + labels.max(initial=0), labels)
+    return labels.astype(np.int32)
+
+
 DECODE_KEYS = ("seed_threshold", "foreground_threshold", "min_seed_size", "min_size")
 
 
@@ -96,4 +137,4 @@ def instances_from_probabilities(probabilities, instances=None) -> np.ndarray:
     return instances_from_three_class(probabilities, **{key: settings[key] for key in DECODE_KEYS})
 
 
-__all__ = ["DECODE_KEYS", "instances_from_probabilities", "instances_from_three_class"]
+__all__ = ["DECODE_KEYS", "declump", "instances_from_probabilities", "instances_from_three_class"]

@@ -116,11 +116,19 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int, process
         raise ValueError("config.loss.terms is empty: give at least one loss term and its weight")
     from neuroseg_jax.data.config import instance_mode  # deferred like the imports above
 
-    three_class = instance_mode(config.get("instances")) == "three_class"
+    instances = config.get("instances", ml_collections.ConfigDict())
+    three_class = instance_mode(instances) == "three_class"
     if three_class and int(config.model.num_classes) != 3:
         raise ValueError(f"config.instances.mode='three_class' needs config.model.num_classes=3 (background, "
                          f"interior, boundary), got {config.model.num_classes}")
-    touching_weight = config.instances.get("touching_weight", 0.0) if config.get("instances") else 0.0
+    if instances.get("declump", False):
+        if three_class:
+            raise ValueError("config.instances.declump splits a binary mask's objects by shape; in three_class mode "
+                             "the boundary class separates them: set one of the two")
+        if not instances.declump_h > 0 or not instances.declump_sigma >= 0:
+            raise ValueError(f"config.instances.declump_h={instances.declump_h!r} must be > 0 and "
+                             f"config.instances.declump_sigma={instances.declump_sigma!r} >= 0 (pixels)")
+    touching_weight = instances.get("touching_weight", 0.0)
     if not touching_weight >= 0:
         raise ValueError(f"config.instances.touching_weight={touching_weight!r} must be >= 0")
     if touching_weight > 0 and not three_class:
