@@ -33,7 +33,8 @@ def main(argv):
     split = _SPLIT.value or ("all" if _DATA_ROOT.value else "val")
     results = evaluate_run(trained_run_flags.WORKDIR.value, checkpoint=trained_run_flags.CHECKPOINT.value,
                            split=split, config=_CONFIG.value, data_root=_DATA_ROOT.value, output_dir=_OUTPUT.value,
-                           tta_n=trained_run_flags.TTA.value, threshold=trained_run_flags.THRESHOLD.value)
+                           tta_n=trained_run_flags.TTA.value, threshold=trained_run_flags.THRESHOLD.value,
+                           declump=trained_run_flags.DECLUMP.value)
     print(json.dumps(results, indent=2, default=str))
 
 

@@ -34,7 +34,7 @@ def main(argv):
     summary = predict_run(trained_run_flags.WORKDIR.value, _INPUT.value, _OUTPUT.value,
                           checkpoint=trained_run_flags.CHECKPOINT.value, tta_n=trained_run_flags.TTA.value,
                           pixel_size=_PIXEL_SIZE.value, pixel_unit=_PIXEL_UNIT.value,
-                          threshold=trained_run_flags.THRESHOLD.value)
+                          threshold=trained_run_flags.THRESHOLD.value, declump=trained_run_flags.DECLUMP.value)
     print(json.dumps({"processed": len(summary["processed"]), "failed": summary["failed"],
                       "output_dir": str(summary["output_dir"])}, indent=2, default=str))
     if summary["failed"]:

@@ -15,6 +15,11 @@ THRESHOLD = flags.DEFINE_string(
     "for the one chosen on the validation split and stored with the checkpoint (chosen first if absent). Default: "
     "config.inference.threshold, or the validation choice with config.inference.choose_threshold.")
 
+DECLUMP = flags.DEFINE_bool(
+    "declump", None, "Split a binary mask's touching convex objects (nuclei) by shape, with the h and sigma of "
+    "config.instances (see inference.watershed.declump); --nodeclump keeps connected components. Default: "
+    "config.instances.declump. Not for three-class runs, which separate objects by their boundary class.")
+
 
 def _valid_threshold(value: str | None) -> bool:
     if value is None or value == "val":

@@ -214,3 +214,26 @@ def test_predict_run_passes_the_flag_and_the_config_pixel_size(tmp_path, monkeyp
     with pytest.raises(ValueError, match=r"--pixel_size.*'parsec'"):
         runs.predict_run("BAD", tmp_path / "plain.png", tmp_path / "bad", pixel_size=1.0, pixel_unit="parsec")
     assert loaded == ["RUN", "RUN"]
+
+
+def test_declump_flag_splits_touching_nuclei_in_predict_run(tmp_path, monkeypatch):
+    """--declump (predict_run's declump) splits two touching discs that the binary mask merges;
+    a three-class run refuses it."""
+    config = tiny_train_config()
+    config.data.update({"normalize": "dtype", "image_size": None})
+    monkeypatch.setattr(runs, "load_run", lambda workdir, checkpoint="best", config_=None: runs.Run(
+        config=config, model=None, variables={}, step=0, meta={}))
+    monkeypatch.setattr(runs, "make_predict_fn", lambda model, variables: threshold_predictor)
+    rows, cols = np.indices((40, 50))
+    discs = (np.hypot(rows - 20, cols - 17) <= 8) | (np.hypot(rows - 20, cols - 30) <= 8)
+    cv2.imwrite(str(tmp_path / "pair.png"), np.where(discs, 255, 0).astype(np.uint8))
+
+    def count(**kwargs):
+        summary = runs.predict_run("RUN", tmp_path / "pair.png", tmp_path / str(kwargs), progress=False, **kwargs)
+        return summary["processed"][0]["count"]
+
+    assert count() == count(declump=False) == 1
+    assert count(declump=True) == 2
+    config.instances.mode = "three_class"
+    with pytest.raises(ValueError, match="three_class instance mode"):
+        runs.object_settings(config, declump=True)

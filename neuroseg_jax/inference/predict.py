@@ -362,7 +362,8 @@ def predict_files(
         test-time averaged) probabilities, at the file's resolution.
       instances: the run's config.instances; in mode 'three_class' the labels are the seeded
         watershed of the (H, W, 3) probabilities (`label_instances`) and the mask their
-        foreground (threshold and post-processing do not apply).
+        foreground (threshold and post-processing do not apply); in mode 'none' with declump the
+        mask's objects are split by shape.
       **sliding: window, overlap, batch_size, blend: see `SlidingWindow`.
     Returns:
       dict(processed=[{name, path, count, pixel_size, outputs}], failed=[{path, error}], output_dir,

@@ -22,7 +22,7 @@ import numpy as np
 from neuroseg_jax import data as data_lib
 from neuroseg_jax import losses
 from neuroseg_jax._validation import probability
-from neuroseg_jax.data.config import instance_mode
+from neuroseg_jax.data.config import default_instances_config, instance_mode
 from neuroseg_jax.inference.evaluate import evaluate_dataset
 from neuroseg_jax.inference.predict import DEFAULT_POSTPROCESS, pixel_size_micrometres, predict_files, predict_image
 from neuroseg_jax.inference.sliding import SlidingWindow
@@ -176,14 +176,29 @@ def postprocess_options(inference_config: ml_collections.ConfigDict, threshold: 
     return {**DEFAULT_POSTPROCESS, "threshold": threshold} if inference_config.postprocess else None
 
 
+def object_settings(config: ml_collections.ConfigDict, declump: bool | None = None) -> ml_collections.ConfigDict:
+    """The run's ``config.instances`` (the defaults for runs without it), with ``declump`` set when
+    given: splitting by shape is a decoding choice, so a binary run can be scored or predicted both ways."""
+    instances = ml_collections.ConfigDict((config.get("instances") or default_instances_config()).to_dict())
+    if declump is None:
+        return instances
+    if declump and instance_mode(instances) == "three_class":
+        raise ValueError("declump: this run is in three_class instance mode, whose objects come from its boundary "
+                         "class; declumping splits binary masks")
+    missing = {key: value for key, value in default_instances_config().items() if key not in instances}
+    instances.update({**missing, "declump": bool(declump)})
+    return instances
+
+
 def evaluate_run(workdir: str | pathlib.Path, *, checkpoint: str = "best", split: str = "val",
                  config: ml_collections.ConfigDict | None = None, data_root: str | None = None,
                  output_dir: str | pathlib.Path | None = None, tta_n: int = 5, progress: bool = True,
-                 threshold: float | str | None = None) -> dict:
+                 threshold: float | str | None = None, declump: bool | None = None) -> dict:
     """Metrics of a checkpoint on a split, with and without TTA and post-processing.
 
     ``data_root`` evaluates on another images/ + masks/ folder, preprocessed as in training.
-    ``threshold``: see `decision_threshold` (None: the config decides). Writes ``metrics.json``,
+    ``threshold``: see `decision_threshold` (None: the config decides); ``declump``: see
+    `object_settings` (None: config.instances.declump). Writes ``metrics.json``,
     ``per_image.csv`` and ``table.md`` to ``output_dir`` (default ``WORKDIR/eval/CHECKPOINT-SPLIT``)
     and returns the metrics dict, with the threshold and its source.
     """
@@ -193,7 +208,7 @@ def evaluate_run(workdir: str | pathlib.Path, *, checkpoint: str = "best", split
     threshold, threshold_source = decision_threshold(run, workdir, checkpoint, threshold)
     if data_root:
         config.data.source, config.data.root = "folder", str(data_root)
-    instances = run.config.get("instances")  # instance mode: objects from the watershed decode
+    instances = object_settings(run.config, declump)  # instance mode: objects from the watershed decode
     # Instance labels where the masks carry them: objects are matched to them (evaluate_dataset).
     dataset = data_lib.build_dataset(run.config.data, split, with_instances=True,
                                      require_instance_labels=instance_mode(instances) == "three_class")
@@ -225,10 +240,10 @@ def _file_loader(data_config: ml_collections.ConfigDict):
 
 def predict_run(workdir: str | pathlib.Path, inputs, output_dir: str | pathlib.Path, *, checkpoint: str = "best",
                 tta_n: int = 0, progress: bool = True, pixel_size: float = 0.0, pixel_unit: str = "um",
-                threshold: float | str | None = None) -> dict:
+                threshold: float | str | None = None, declump: bool | None = None) -> dict:
     """Predict image files, folders or globs with a trained run; writes masks, probability maps,
     instance labels, overlays and a counts/morphology CSV to ``output_dir``. ``threshold``: see
-    `decision_threshold` (None: the config decides).
+    `decision_threshold` (None: the config decides); ``declump``: see `object_settings`.
 
     ``pixel_size`` (in ``pixel_unit``; 0 = none) overrides the files' own calibration; files
     without one use the run's config.data.pixel_size (0 = unknown: outputs in pixels)."""
@@ -240,5 +255,6 @@ def predict_run(workdir: str | pathlib.Path, inputs, output_dir: str | pathlib.P
     return predict_files(
         make_predict_fn(run.model, run.variables), inputs, output_dir, tta_n=tta_n, threshold=threshold,
         postprocess=postprocess_options(run.config.inference, threshold), load_image=_file_loader(run.config.data),
-        progress=progress, pixel_size=override, default_pixel_size=declared, instances=run.config.get("instances"),
+        progress=progress, pixel_size=override, default_pixel_size=declared,
+        instances=object_settings(run.config, declump),
         **sliding_options(run.config.inference))
