@@ -28,12 +28,12 @@ mask narrows to a neck, and its distance transform has one peak per object. The 
 h-maxima of the distance transform (smoothed by a Gaussian of `sigma` pixels): a peak counts when
 the saddle to every peak at least as high lies h pixels or more below it; the watershed of the
 negated distances within the mask splits it along the necks; components left without a seed (thin
-ones, when h exceeds their peak) stay whole. It needs no instance labels and no retraining, and suits convex objects such as nuclei;
-a neuron's soma and neurites would be cut apart, so it is off unless config.instances.declump is set.
+ones, when h exceeds their peak) stay whole. It needs no instance labels and no retraining, and
+suits convex objects such as nuclei; a neuron's soma and neurites would be cut apart, so it is off
+unless config.instances.declump is set.
 Defaults h = 0.75 px and sigma = 1 px: chosen on the BBBC039 validation split with the binary U-Net
-(AP@0.5:0.95 0.70 to 0.71 for h from 0.5 to 1.5 and sigma 1 or 1.5, against 0.58 for connected
-components; the mean count error grows with h, 2.8 nuclei at h = 0.5 to 8.6 at 1.5: 0.75 keeps both
-near their best).
+(`benchmarks/declump_sweep.py`: AP@0.5:0.95 0.68 to 0.70 for h from 0.5 to 1.5 and sigma 1 or 1.5,
+against 0.57 for connected components; the count error grows with h: 0.75 keeps both near their best).
 """
 
 from __future__ import annotations
