@@ -64,6 +64,12 @@ def _drop_small(labels: np.ndarray, min_size: int) -> np.ndarray:
     return np.where(small[labels], 0, labels)
 
 
+def _keep_seedless(labels: np.ndarray, foreground: np.ndarray) -> np.ndarray:
+    """`labels` with each foreground component that no seed reached added as an object of its own."""
+    seedless, _ = ndimage.label(foreground & (labels == 0), structure=_EIGHT_CONNECTED)
+    return np.where(seedless > 0, seedless + labels.max(initial=0), labels)
+
+
 def instances_from_three_class(
     probabilities, *, seed_threshold: float = 0.5, foreground_threshold: float = 0.5,
     min_seed_size: int = 1, min_size: int = 1,
@@ -89,9 +95,7 @@ def instances_from_three_class(
     foreground = 1.0 - probabilities[..., 0] > foreground_threshold
     seeds, _ = ndimage.label((interior > seed_threshold) & foreground, structure=_EIGHT_CONNECTED)
     seeds = _drop_small(seeds, min_seed_size)
-    labels = watershed(-interior, markers=seeds, mask=foreground)
-    seedless, _ = ndimage.label(foreground & (labels == 0), structure=_EIGHT_CONNECTED)
-    labels = np.where(seedless > 0, seedless + labels.max(initial=0), labels)
+    labels = _keep_seedless(watershed(-interior, markers=seeds, mask=foreground), foreground)
     labels = _drop_small(labels, min_size)
     # Consecutive ids 1..n in the order of the surviving ids.
     kept, consecutive = np.unique(labels, return_inverse=True)
@@ -118,10 +122,7 @@ def declump(mask, *, h: float = 0.75, sigma: float = 1.0) -> np.ndarray:
     # distance transform) even when the saddle between them is less than h below.
     domes = reconstruction(distance - h, distance, method="dilation")
     seeds, _ = ndimage.label(local_maxima(domes, connectivity=2) & mask, structure=_EIGHT_CONNECTED)
-    labels = watershed(-distance, markers=seeds, mask=mask)
-    seedless, _ = ndimage.label(mask & (labels == 0), structure=_EIGHT_CONNECTED)
-    labels = np.where(seedless > 0, seedless + labels.max(initial=0), labels)
-    return labels.astype(np.int32)
+    return _keep_seedless(watershed(-distance, markers=seeds, mask=mask), mask).astype(np.int32)
 
 
 DECODE_KEYS = ("seed_threshold", "foreground_threshold", "min_seed_size", "min_size")
