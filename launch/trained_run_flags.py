@@ -11,9 +11,10 @@ WORKDIR = flags.DEFINE_string("workdir", None, "Training run folder.", required=
 CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
 TTA = flags.DEFINE_integer("tta", 0, "Test-time augmentations (IMSAHLO: 5; <= 1: none).")
 THRESHOLD = flags.DEFINE_string(
-    "threshold", None, "Foreground probability threshold of the masks: a number strictly between 0 and 1, or 'val' "
-    "for the one chosen on the validation split and stored with the checkpoint (chosen first if absent). Default: "
-    "config.inference.threshold, or the validation choice with config.inference.choose_threshold.")
+    "threshold", None, "Foreground probability threshold of the masks: a number strictly between 0 and 1, 'val' "
+    "for the one chosen on the validation split and stored with the checkpoint (chosen first if absent), or 'config' "
+    "for config.inference.threshold. Default: the validation choice with config.inference.choose_threshold (the "
+    "default), else config.inference.threshold.")
 
 DECLUMP = flags.DEFINE_bool(
     "declump", None, "Split a binary mask's touching convex objects (nuclei) by shape, with the h and sigma of "
@@ -22,7 +23,7 @@ DECLUMP = flags.DEFINE_bool(
 
 
 def _valid_threshold(value: str | None) -> bool:
-    if value is None or value == "val":
+    if value is None or value in ("val", "config"):
         return True
     try:
         return 0.0 < float(value) < 1.0
@@ -31,4 +32,4 @@ def _valid_threshold(value: str | None) -> bool:
 
 
 flags.register_validator("threshold", _valid_threshold,
-                         "--threshold must be 'val' or a number strictly between 0 and 1")
+                         "--threshold must be 'val', 'config' or a number strictly between 0 and 1")

@@ -192,7 +192,7 @@ def test_predict_run_passes_the_flag_and_the_config_pixel_size(tmp_path, monkeyp
     config.data.pixel_size reach the outputs; a bad flag unit fails before the run is loaded."""
     config = tiny_train_config()
     config.data.update({"pixel_size": 500.0, "pixel_unit": "nm", "normalize": "dtype", "image_size": None})
-    config.inference.postprocess = True
+    config.inference.update({"postprocess": True, "choose_threshold": False})
     loaded = []
 
     def fake_load_run(workdir, checkpoint="best", config_=None):
@@ -221,6 +221,7 @@ def test_declump_flag_splits_touching_nuclei_in_predict_run(tmp_path, monkeypatc
     a three-class run refuses it."""
     config = tiny_train_config()
     config.data.update({"normalize": "dtype", "image_size": None})
+    config.inference.choose_threshold = False
     monkeypatch.setattr(runs, "load_run", lambda workdir, checkpoint="best", config_=None: runs.Run(
         config=config, model=None, variables={}, step=0, meta={}))
     monkeypatch.setattr(runs, "make_predict_fn", lambda model, variables: threshold_predictor)

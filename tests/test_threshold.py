@@ -54,6 +54,15 @@ def _stored_path(workdir):
     return inference.threshold_path(workdir, "best", inference.load_run(workdir, "best").step)
 
 
+def test_training_ends_by_storing_the_threshold_chosen_on_validation(workdir):
+    assert inference.load_config(workdir).inference.choose_threshold  # the default
+    stored = json.loads(_stored_path(workdir).read_text())
+    assert stored["split"] == "val" and stored["step"] == inference.load_run(workdir, "best").step
+    probabilities, targets = _probabilities(workdir, "val")
+    assert stored["val_dice"] == pytest.approx(_pooled_dice([p >= stored["threshold"] for p in probabilities], targets),
+                                               rel=1e-12)
+
+
 def test_choose_threshold_maximises_pooled_validation_dice_and_reads_only_validation(workdir, monkeypatch):
     probabilities, targets = _probabilities(workdir, "val")
     expected = {t: _pooled_dice([p >= t for p in probabilities], targets) for t in inference.THRESHOLD_CANDIDATES}
@@ -121,12 +130,18 @@ def test_config_threshold_is_used_without_choosing(workdir, monkeypatch, tmp_pat
     path = _stored_path(workdir)
     path.unlink(missing_ok=True)
     config = inference.load_config(workdir)
-    config.inference.threshold = 0.35
+    config.inference.update({"threshold": 0.35, "choose_threshold": False})
     requested = _record_splits(monkeypatch)
     results = inference.evaluate_run(workdir, split="test", config=config, tta_n=0, progress=False,
                                      output_dir=tmp_path / "eval")
     assert requested == ["test"] and not path.exists()
     assert (results["threshold"], results["threshold_source"]) == (0.35, "config")
+    # threshold='config' (the runner's fixed-threshold evaluation) takes it even with choose_threshold on.
+    config.inference.choose_threshold = True
+    fixed = inference.evaluate_run(workdir, split="test", config=config, tta_n=0, progress=False,
+                                   output_dir=tmp_path / "fixed", threshold="config")
+    assert requested == ["test", "test"] and not path.exists()
+    assert (fixed["threshold"], fixed["threshold_source"]) == (0.35, "config")
     probabilities, targets = _probabilities(workdir, "test")
     assert results["variants"]["raw"]["pooled"]["dice"] == pytest.approx(
         _pooled_dice([p >= 0.35 for p in probabilities], targets), rel=1e-12)

@@ -1,8 +1,8 @@
 """Experiment runner: train every run of a grid, evaluate its best checkpoint on the protocol's
 held-out 'test' split, and write one small ``results/<set>/<row>-seed<N>/metrics.json`` per run.
 
-Each run's best checkpoint is evaluated at the configured threshold ('test') and, for binary masks,
-at the threshold of highest validation Dice ('test_val_threshold'). A run whose metrics.json exists
+Each run's best checkpoint is evaluated at the fixed threshold config.inference.threshold ('test')
+and, for binary masks, at the threshold of highest validation Dice ('test_val_threshold'). A run whose metrics.json exists
 is not trained again, so an interrupted grid continues where it stopped; an evaluation its JSON
 lacks or holds in an older EVALUATION_VERSION is redone from the workdir's best checkpoint. A run
 interrupted mid-training resumes from its workdir's latest checkpoint (``train_and_evaluate``
@@ -213,13 +213,14 @@ def _check_finished(config: ml_collections.ConfigDict, workdir: pathlib.Path) ->
 
 
 def evaluate_best(workdir: pathlib.Path, evaluation: str) -> dict[str, Any]:
-    """One evaluation of the best checkpoint on the test split: 'test' at the run's configured
-    threshold, 'test_val_threshold' at the threshold of highest validation Dice
-    (`inference.choose_threshold`, stored with the checkpoint)."""
+    """One evaluation of the best checkpoint on the test split: 'test' at the run's fixed
+    config.inference.threshold, 'test_val_threshold' at the threshold of highest validation Dice
+    (`inference.choose_threshold`, stored with the checkpoint), whatever config.inference.choose_threshold
+    says, so that every row's two evaluations mean the same."""
     val_threshold = evaluation == "test_val_threshold"
     suffix = "-val_threshold" if val_threshold else ""
     results = inference.evaluate_run(workdir, checkpoint="best", split=TEST_SPLIT, tta_n=0, progress=False,
-                                     threshold="val" if val_threshold else None,
+                                     threshold="val" if val_threshold else "config",
                                      output_dir=workdir / "eval" / f"best-{TEST_SPLIT}{suffix}")
     if val_threshold:
         results["threshold_choice"] = json.loads(

@@ -155,15 +155,19 @@ def choose_threshold(workdir: str | pathlib.Path, checkpoint: str = "best", *,
 
 def decision_threshold(run: Run, workdir: str | pathlib.Path, checkpoint: str,
                        threshold: float | str | None = None) -> tuple[float, str]:
-    """(threshold, source) of a run's masks: ``threshold`` when given ('val' or a probability,
-    source 'argument'), else config.inference.threshold (source 'config'), or with
-    config.inference.choose_threshold the checkpoint's stored validation choice, chosen first when
-    absent (source 'validation')."""
+    """(threshold, source) of a run's masks: ``threshold`` when given ('val', 'config' or a
+    probability, source 'argument'), else with config.inference.choose_threshold the checkpoint's
+    stored validation choice, chosen first when absent (source 'validation'), else
+    config.inference.threshold (source 'config'). 'config' takes config.inference.threshold even
+    when choose_threshold is on; in instance mode, whose decode has thresholds of its own,
+    choose_threshold does not apply."""
     inference_config = run.config.inference
     configured = probability(inference_config.get("threshold", 0.5), "config.inference.threshold")
-    if threshold is not None and threshold != "val":
+    if threshold is not None and threshold not in ("val", "config"):
         return probability(threshold, "threshold"), "argument"
-    if threshold is None and not inference_config.get("choose_threshold", False):
+    three_class = instance_mode(run.config.get("instances")) == "three_class"
+    if threshold == "config" or (threshold is None and (three_class or not inference_config.get("choose_threshold",
+                                                                                                  False))):
         return configured, "config"
     path = threshold_path(workdir, checkpoint, run.step)
     if path.exists():
