@@ -9,6 +9,8 @@ is never read.
   python benchmarks/declump_sweep.py --workdir=runs/bbbc039/unet-seed0 [--h=0.5,0.75,1,1.5] [--sigma=1,1.5]
 """
 
+import functools
+
 import numpy as np
 from absl import app, flags, logging
 
@@ -34,7 +36,7 @@ def main(argv):
     decoders = {"connected components": connected_components}
     for h in map(float, _H.value):
         for sigma in map(float, _SIGMA.value):
-            decoders[f"declump h={h:g} sigma={sigma:g}"] = lambda mask, h=h, sigma=sigma: declump(mask, h=h, sigma=sigma)
+            decoders[f"declump h={h:g} sigma={sigma:g}"] = functools.partial(declump, h=h, sigma=sigma)
     counts = {name: [] for name in decoders}
     for index in range(len(dataset)):
         example = dataset[index]

@@ -386,9 +386,9 @@ def make_loader(
     records = records.repeat(num_epochs if num_epochs is not None else (None if train else 1))
     # Random transforms draw from (their seed, position in the repeated stream): the same
     # whatever process of the worker pool computes the record.
-    transforms = loader_transforms(data_config, split, touching_weights=touching_weights,
-                                   boundary_width=int(instances.boundary_width) if three_class else None,
-                                   touching_band_weight=float(instances.get("touching_weight", 0.0)) if three_class else 0.0)
+    band_options = {"boundary_width": int(instances.boundary_width),
+                    "touching_band_weight": float(instances.get("touching_weight", 0.0))} if three_class else {}
+    transforms = loader_transforms(data_config, split, touching_weights=touching_weights, **band_options)
     batches = records.apply(transforms).batch(
         batch_size, drop_remainder=train, batch_fn=stack_batch
     )

@@ -2,9 +2,10 @@
 held-out 'test' split, and write one small ``results/<set>/<row>-seed<N>/metrics.json`` per run.
 
 Each run's best checkpoint is evaluated at the fixed threshold config.inference.threshold ('test')
-and, for binary masks, at the threshold of highest validation Dice ('test_val_threshold'). A run whose metrics.json exists
-is not trained again, so an interrupted grid continues where it stopped; an evaluation its JSON
-lacks or holds in an older EVALUATION_VERSION is redone from the workdir's best checkpoint. A run
+and, for binary masks, at the threshold of highest validation Dice ('test_val_threshold'). A run
+whose metrics.json exists is not trained again, so an interrupted grid continues where it stopped;
+an evaluation its JSON lacks or holds in an older EVALUATION_VERSION is redone from the workdir's
+best checkpoint. A run
 interrupted mid-training resumes from its workdir's latest checkpoint (``train_and_evaluate``
 resumes). metrics.json is written last and atomically, so it exists only for a finished run: a run
 that fails leaves nothing under results/, and the runner goes on to the next run.
@@ -215,8 +216,8 @@ def _check_finished(config: ml_collections.ConfigDict, workdir: pathlib.Path) ->
 def evaluate_best(workdir: pathlib.Path, evaluation: str) -> dict[str, Any]:
     """One evaluation of the best checkpoint on the test split: 'test' at the run's fixed
     config.inference.threshold, 'test_val_threshold' at the threshold of highest validation Dice
-    (`inference.choose_threshold`, stored with the checkpoint), whatever config.inference.choose_threshold
-    says, so that every row's two evaluations mean the same."""
+    (`inference.choose_threshold`, stored with the checkpoint), whatever
+    config.inference.choose_threshold says, so that every row's two evaluations mean the same."""
     val_threshold = evaluation == "test_val_threshold"
     suffix = "-val_threshold" if val_threshold else ""
     results = inference.evaluate_run(workdir, checkpoint="best", split=TEST_SPLIT, tta_n=0, progress=False,

@@ -153,21 +153,25 @@ def choose_threshold(workdir: str | pathlib.Path, checkpoint: str = "best", *,
     return _choose(load_run(workdir, checkpoint, config), workdir, checkpoint, candidates)
 
 
+def chooses_threshold(config: ml_collections.ConfigDict) -> bool:
+    """Whether a run's masks use the threshold chosen on validation: config.inference.choose_threshold,
+    for binary masks (instance mode's decode has thresholds of its own)."""
+    return bool(config.inference.get("choose_threshold", False)) and \
+        instance_mode(config.get("instances")) != "three_class"
+
+
 def decision_threshold(run: Run, workdir: str | pathlib.Path, checkpoint: str,
                        threshold: float | str | None = None) -> tuple[float, str]:
     """(threshold, source) of a run's masks: ``threshold`` when given ('val', 'config' or a
     probability, source 'argument'), else with config.inference.choose_threshold the checkpoint's
     stored validation choice, chosen first when absent (source 'validation'), else
     config.inference.threshold (source 'config'). 'config' takes config.inference.threshold even
-    when choose_threshold is on; in instance mode, whose decode has thresholds of its own,
-    choose_threshold does not apply."""
+    when choose_threshold is on."""
     inference_config = run.config.inference
     configured = probability(inference_config.get("threshold", 0.5), "config.inference.threshold")
     if threshold is not None and threshold not in ("val", "config"):
         return probability(threshold, "threshold"), "argument"
-    three_class = instance_mode(run.config.get("instances")) == "three_class"
-    if threshold == "config" or (threshold is None and (three_class or not inference_config.get("choose_threshold",
-                                                                                                  False))):
+    if threshold == "config" or (threshold is None and not chooses_threshold(run.config)):
         return configured, "config"
     path = threshold_path(workdir, checkpoint, run.step)
     if path.exists():

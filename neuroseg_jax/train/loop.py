@@ -338,7 +338,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     previews.save(state, workdir / "plots" / "predictions.png")
     if jax.process_index() == 0:
         plots.save_curves(workdir / "plots" / "curves.png", metrics_log.read_metrics(workdir / "metrics.jsonl"))
-        if _chooses_threshold(config) and not stop.requested and loop.best_step is not None \
+        if inference.chooses_threshold(config) and not stop.requested and loop.best_step is not None \
                 and jax.process_count() == 1:
             # Now, while the validation images are at hand: prediction elsewhere needs only the workdir.
             # (Restoring a checkpoint is collective across processes; a multi-process run leaves the
@@ -348,8 +348,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                        f"{chosen['val_dice']:.4f}; {chosen['val_dice_at_0.5']:.4f} at 0.5)")
     return loop.last_val
 
-
-def _chooses_threshold(config: ml_collections.ConfigDict) -> bool:
-    """Whether the run's masks use a threshold chosen on validation (binary masks only)."""
-    return bool(config.inference.get("choose_threshold", False)) and \
-        instance_mode(config.get("instances")) != "three_class"
