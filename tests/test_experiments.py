@@ -198,7 +198,8 @@ def _table_rows(section: str, row: str) -> list[list[str]]:
 def test_report_shows_mean_and_sample_sd_over_seeds(tiny_results, tmp_path):
     root, runs, _, _ = tiny_results
     records = [json.loads(run.result_path(root / "results").read_text()) for run in runs]
-    grid = {"tiny": [*TINY, ("synthetic", "never_trained", "configs/imsahlo.py:quick", {}, (0, 1, 2))]}
+    grid = {"tiny": [*TINY, ("synthetic", "never_trained", "configs/imsahlo.py:quick", {}, (0, 1, 2))],
+            "later": [("synthetic", "not_yet", "configs/imsahlo.py:quick", {}, (0,))]}
     output = tmp_path / "section.md"
     written = experiments.write_report(grid, root / "results", output=output)
     section = output.read_text()
@@ -223,6 +224,9 @@ def test_report_shows_mean_and_sample_sd_over_seeds(tiny_results, tmp_path):
     assert section.index("foreground threshold of highest pooled Dice on the validation") < section.rindex("unet_tiny")
     (missing,) = _table_rows(section, "never_trained")  # in the first table only
     assert missing[1:3] == ["0 of 3", experiments.report.NOT_RUN] and not any(missing[3:])
+    # A table none of whose rows has run is named, not drawn.
+    assert "Tables with no run yet: later on synthetic (`--grid=later --sets=synthetic`)." in section
+    assert "#### later" not in section and not _table_rows(section, "not_yet")
     assert (root / "results" / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert written["runs"] == 2
 

@@ -149,25 +149,43 @@ def render_section(grids: Mapping[str, Sequence], results: Mapping[tuple[str, st
         f"'{variant}'. Mean ± sample sd over the seeds run (n seeds = run of listed). Dice per-image: mean "
         f"over images; pooled, precision, recall, AP, F1: pixel/object counts summed over images. HD95 "
         f"(MONAI convention), clDice, Betti-0 error and count error |objects predicted - true|: mean over "
-        f"images. Objects are connected components, or the watershed decode in instance mode. "
+        f"images. Objects are connected components, the watershed decode in instance mode, or the "
+        f"mask's shape-based split in 'declump' rows. "
         f"AP@0.5:0.95: COCO-style ranked AP averaged over IoU 0.50:0.05:0.95; AP-DSB@0.5:0.95: the 2018 "
         f"Data Science Bowl's score-free tp/(tp+fp+fn) averaged over the same IoUs; F1@0.5: object F1 at "
         f"IoU 0.5.\n"]
-    for grid_name, grid in grids.items():
-        for set_name, rows in grid_tables(grid).items():
-            parts.append(f"#### {titles.get(grid_name, grid_name)}: {set_name}\n")
-            parts.append(render_table(set_name, rows, results, variant=variant))
-            val_threshold = render_table(set_name, rows, results, variant=variant, evaluation="test_val_threshold")
-            if val_threshold.count("\n") > 2:
-                parts.append("Same runs, foreground threshold of highest pooled Dice on the validation split "
-                             "(chosen from 0.05 to 0.95, stored with the checkpoint):\n")
-                parts.append(val_threshold)
-            notes_text = _notes_text(notes, [row for row, _ in rows])
-            if notes_text:
-                parts.append(notes_text)
+    tables, not_run = _tables_run(grids, results)
+    for grid_name, set_name, rows in tables:
+        parts.append(f"#### {titles.get(grid_name, grid_name)}: {set_name}\n")
+        parts.append(render_table(set_name, rows, results, variant=variant))
+        val_threshold = render_table(set_name, rows, results, variant=variant, evaluation="test_val_threshold")
+        if val_threshold.count("\n") > 2:
+            parts.append("Same runs, foreground threshold of highest pooled Dice on the validation split "
+                         "(chosen from 0.05 to 0.95, stored with the checkpoint):\n")
+            parts.append(val_threshold)
+        notes_text = _notes_text(notes, [row for row, _ in rows])
+        if notes_text:
+            parts.append(notes_text)
+    if not_run:
+        parts.append("Tables with no run yet: " + ", ".join(
+            f"{titles.get(grid_name, grid_name)} on {set_name} (`--grid={grid_name} --sets={set_name}`)"
+            for grid_name, set_name in not_run) + ".\n")
     if plot:
         parts.append(f"![Dice per row, mean ± sd over seeds]({plot})\n")
     return "\n".join(parts)
+
+
+def _tables_run(grids: Mapping[str, Sequence], results: Mapping[tuple[str, str], list[dict]]
+                ) -> tuple[list[tuple[str, str, list]], list[tuple[str, str]]]:
+    """([(grid, set, rows)] of the tables with at least one run, [(grid, set)] of those with none)."""
+    tables, not_run = [], []
+    for grid_name, grid in grids.items():
+        for set_name, rows in grid_tables(grid).items():
+            if any(row_records(results, set_name, row, seeds) for row, seeds in rows):
+                tables.append((grid_name, set_name, rows))
+            else:
+                not_run.append((grid_name, set_name))
+    return tables, not_run
 
 
 def plot_summary(grids: Mapping[str, Sequence], results: Mapping[tuple[str, str], list[dict]],
@@ -179,10 +197,9 @@ def plot_summary(grids: Mapping[str, Sequence], results: Mapping[tuple[str, str]
     import matplotlib.pyplot as plt
 
     titles = titles or {}
-    panels = [(grid_name, set_name, rows) for grid_name, grid in grids.items()
-              for set_name, rows in grid_tables(grid).items()]
+    panels, _ = _tables_run(grids, results)
     if not panels:
-        raise ValueError("plot_summary: no grids to draw")
+        raise ValueError("plot_summary: no grid has a run to draw")
     figure, axes = plt.subplots(len(panels), 1, figsize=(9, 2.8 * len(panels)), squeeze=False)
     for axis, (grid_name, set_name, rows) in zip(axes[:, 0], panels):
         means, sds = [], []
@@ -235,7 +252,7 @@ def write_report(grids: Mapping[str, Sequence], results_dir: str | os.PathLike, 
     results = load_results(results_dir)
     plot_path = pathlib.Path(results_dir) / "summary.png"
     plot_link = None
-    if plot:
+    if plot and _tables_run(grids, results)[0]:
         plot_summary(grids, results, plot_path, titles=titles, variant=variant)
         plot_link = os.path.relpath(plot_path.resolve(), target.resolve().parent)
     section = render_section(grids, results, titles=titles, notes=notes, variant=variant, plot=plot_link)
@@ -244,4 +261,5 @@ def write_report(grids: Mapping[str, Sequence], results_dir: str | os.PathLike, 
         target.write_text(section)
     else:
         target.write_text(replace_marked_section(readme_text, section, name=str(target)))
-    return {"section": str(target), "plot": str(plot_path) if plot else None, "runs": sum(map(len, results.values()))}
+    return {"section": str(target), "plot": str(plot_path) if plot_link else None,
+            "runs": sum(map(len, results.values()))}
