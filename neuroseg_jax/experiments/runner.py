@@ -5,10 +5,10 @@ Each run's best checkpoint is evaluated at the fixed threshold config.inference.
 and, for binary masks, at the threshold of highest validation Dice ('test_val_threshold'). A run
 whose metrics.json exists is not trained again, so an interrupted grid continues where it stopped;
 an evaluation its JSON lacks or holds in an older EVALUATION_VERSION is redone from the workdir's
-best checkpoint. A run
-interrupted mid-training resumes from its workdir's latest checkpoint (``train_and_evaluate``
-resumes). metrics.json is written last and atomically, so it exists only for a finished run: a run
-that fails leaves nothing under results/, and the runner goes on to the next run.
+best checkpoint. A run interrupted mid-training resumes from its workdir's latest checkpoint
+(``train_and_evaluate`` resumes). metrics.json is written last and atomically, so it exists only for
+a finished run: a run that fails leaves nothing under results/, and the runner goes on to the next
+run.
 
 Configs are built by the same absl ``config_flags`` parsing ``launch/train.py`` does, from the very
 flags recorded in metrics.json, so the recorded command reproduces the recorded config.
