@@ -35,6 +35,9 @@ NOTES = {
     "declump": "the binary row's model and training; its mask's objects split by shape (distance-transform "
                "watershed, config.instances.declump: h 0.75 px, sigma 1 px, chosen on the validation split).",
     "boundary2": "the boundary band of the three-class targets 2 pixels wide instead of 1.",
+    "symmetric": "eq. 3's terms and weights with Tversky alpha = beta = 0.5 and focal alpha 0.5 (the paper: "
+                 "0.3 / 0.7 and 0.8, which weigh missed foreground more than false foreground).",
+    "dice_bce": "BCE + Dice with equal weights, the loss of the MONAI reference row (DiceCE).",
     "touching10": "the boundary pixels where two nuclei touch weigh 1 + 10 in the cross-entropy "
                   "(instances.touching_weight; U-Net's w0 = 10 for touching cells).",
     "morphoseg": "MorphoSeg rows: the CPU-sized TransUNet of transunet_small, CE + Dice over 2 softmax "
@@ -64,14 +67,20 @@ def _table2(data: str) -> list[tuple]:
 
 
 # IMSAHLO Table IV on pfc_pn: the full hybrid loss, each of its four terms left out (the rest keep
-# their eq. 3 weights renormalised to sum 1), and BCE or Dice alone.
-TABLE4_LOSSES = (
-    ("imsahlo-no_tversky", "boundary+focal+cldice"),
-    ("imsahlo-no_contour", "tversky+focal+cldice"),
-    ("imsahlo-no_focal", "tversky+boundary+cldice"),
-    ("imsahlo-no_cldice", "tversky+boundary+focal"),
-    ("imsahlo-bce", "bce"),
-    ("imsahlo-dice", "dice"),
+# their eq. 3 weights renormalised to sum 1), and BCE or Dice alone; then two rows beyond the paper
+# that ask whether the hybrid loss's lean towards foreground (Tversky's FN weight 0.7, focal alpha 0.8)
+# costs precision: eq. 3 with both made symmetric, and BCE + Dice, the reference row's loss.
+SYMMETRIC_HYBRID = {"loss.params.tversky.alpha": 0.5, "loss.params.tversky.beta": 0.5,
+                    "loss.params.focal.alpha": 0.5}
+TABLE4_LOSSES = (  # (row, loss=, overrides)
+    ("imsahlo-no_tversky", "boundary+focal+cldice", {}),
+    ("imsahlo-no_contour", "tversky+focal+cldice", {}),
+    ("imsahlo-no_focal", "tversky+boundary+cldice", {}),
+    ("imsahlo-no_cldice", "tversky+boundary+focal", {}),
+    ("imsahlo-bce", "bce", {}),
+    ("imsahlo-dice", "dice", {}),
+    ("imsahlo-symmetric", "", SYMMETRIC_HYBRID),
+    ("imsahlo-dice_bce", "bce+dice", {}),
 )
 
 MORPHOSEG_WEIGHTINGS = ("balance", "norm", "pareto")
@@ -91,8 +100,9 @@ GRIDS = {
     "table3": [_model_row("pfc_pn", model, model, THREE_SEEDS if model == "imsahlo" else ONE_SEED)
                for model in ("resunet", "neurosegnet", "neurosegnet_msdb", "imsahlo")],
     "table4": [_model_row("pfc_pn", "imsahlo", "imsahlo", THREE_SEEDS)] + [
-        ("pfc_pn", row, f"configs/imsahlo.py:data=pfc_pn,model=imsahlo,loss={loss}", {}, ONE_SEED)
-        for row, loss in TABLE4_LOSSES],
+        ("pfc_pn", row, f"configs/imsahlo.py:data=pfc_pn,model=imsahlo{f',loss={loss}' if loss else ''}", overrides,
+         ONE_SEED)
+        for row, loss, overrides in TABLE4_LOSSES],
     "morphoseg": [
         ("pfc_pn", f"morphoseg-{weighting}{'-outliers' if outliers else ''}",
          f"configs/morphoseg.py:data=pfc_pn,weighting={weighting}",
