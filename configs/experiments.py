@@ -83,6 +83,13 @@ TABLE4_LOSSES = (  # (row, loss=, overrides)
     ("imsahlo-dice_bce", "bce+dice", {}),
 )
 
+
+def _loss_row(model: str, row: str, loss: str, overrides: dict) -> tuple:
+    """A PFC-PN row of ``model`` trained with ``loss=`` (empty: eq. 3) and ``overrides``."""
+    return ("pfc_pn", row, f"configs/imsahlo.py:data=pfc_pn,model={model}{f',loss={loss}' if loss else ''}",
+            overrides, ONE_SEED)
+
+
 MORPHOSEG_WEIGHTINGS = ("balance", "norm", "pareto")
 
 TITLES = {
@@ -90,6 +97,7 @@ TITLES = {
     "table3": "Architecture ladder (IMSAHLO Table III)",
     "table4": "Loss ablations of IMSAHLO (IMSAHLO Table IV)",
     "morphoseg": "TransUNet with and without virtual outliers x loss weighting (MorphoSeg)",
+    "loss_choice": "The hybrid loss against BCE + Dice, by model",
     "instances": "Touching nuclei: binary mask vs instance mode (BBBC039)",
     "smoke": "Smoke run on the 4 public FNC images",
     "tiny": "Tiny synthetic runs (tests)",
@@ -100,15 +108,21 @@ GRIDS = {
     "table3": [_model_row("pfc_pn", model, model, THREE_SEEDS if model == "imsahlo" else ONE_SEED)
                for model in ("resunet", "neurosegnet", "neurosegnet_msdb", "imsahlo")],
     "table4": [_model_row("pfc_pn", "imsahlo", "imsahlo", THREE_SEEDS)] + [
-        ("pfc_pn", row, f"configs/imsahlo.py:data=pfc_pn,model=imsahlo{f',loss={loss}' if loss else ''}", overrides,
-         ONE_SEED)
-        for row, loss, overrides in TABLE4_LOSSES],
+        _loss_row("imsahlo", row, loss, overrides) for row, loss, overrides in TABLE4_LOSSES],
     "morphoseg": [
         ("pfc_pn", f"morphoseg-{weighting}{'-outliers' if outliers else ''}",
          f"configs/morphoseg.py:data=pfc_pn,weighting={weighting}",
          {**TRANSUNET_SMALL, "outliers.enabled": outliers},
          ONE_SEED)
         for weighting in MORPHOSEG_WEIGHTINGS for outliers in (False, True)],
+    # Does the hybrid loss or the model make the difference to the reference row? Each model with the
+    # paper's loss (Table II's runs), its symmetric form and BCE + Dice (Table IV's runs for imsahlo).
+    "loss_choice": [_model_row("pfc_pn", "unet", "unet", THREE_SEEDS),
+                    _loss_row("unet", "unet-dice_bce", "bce+dice", {}),
+                    _model_row("pfc_pn", "imsahlo", "imsahlo", THREE_SEEDS),
+                    _loss_row("imsahlo", "imsahlo-symmetric", "", SYMMETRIC_HYBRID),
+                    _loss_row("imsahlo", "imsahlo-dice_bce", "bce+dice", {}),
+                    _table2("pfc_pn")[-1]],
     # The binary unet row is Table II's (same command and seeds: one set of runs).
     "instances": [_model_row("bbbc039", "unet", "unet", THREE_SEEDS),
                   # The same training; the decode splits touching convex objects along the mask's necks.

@@ -13,8 +13,8 @@ from absl import app, flags, logging
 from neuroseg_jax import experiments
 from neuroseg_jax.ops import reuse_freed_host_memory
 
-_GRID = flags.DEFINE_string("grid", None, "Grid name in --grids_file (table2, table3, table4, morphoseg, smoke, "
-                            "tiny).", required=True)
+_GRID = flags.DEFINE_string("grid", None, "Grid name in --grids_file (table2, table3, table4, loss_choice, "
+                            "morphoseg, instances, smoke, tiny).", required=True)
 _GRIDS_FILE = flags.DEFINE_string("grids_file", "configs/experiments.py", "Python file defining GRIDS.")
 _SETS = flags.DEFINE_list("sets", [], "Only these sets (data protocols), e.g. pfc_pn.")
 _ROWS = flags.DEFINE_list("rows", [], "Only these rows, e.g. unet,imsahlo.")
